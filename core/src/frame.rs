@@ -1,0 +1,356 @@
+//! Frames: one chunk as stored.
+//!
+//! ```text
+//! offset  size  field
+//! 0       2     magic "GF"
+//! 2       1     format version (1)
+//! 3       1     codec (Codec as u8: 0 raw, 1 lz4 block)
+//! 4       4     raw length, u32 little-endian
+//! 8       4     stored length, u32 little-endian (bytes that follow the header)
+//! 12      32    chunk id: BLAKE3 of the raw bytes
+//! 44      ...   stored bytes
+//! ```
+//!
+//! Carrying the id makes a frame self-describing: a pack can be re-indexed
+//! from its frames alone and a stray frame can always be checked.
+//! Decoding never trusts the header: lengths are bounded, the codec must be
+//! known, and the BLAKE3 of the decoded bytes must equal the id (and the id
+//! the caller expected), so any flipped or missing byte is an error, not
+//! wrong data. lz4 is used only when it saves at least 5%.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::id::ChunkId;
+
+/// Frame magic bytes.
+pub const FRAME_MAGIC: [u8; 2] = *b"GF";
+/// Current frame format version.
+pub const FRAME_VERSION: u8 = 1;
+/// Size of the frame header in bytes.
+pub const FRAME_HEADER_LEN: usize = 44;
+/// Largest raw chunk a frame may carry (FastCDC's maximum chunk size).
+pub const MAX_CHUNK_LEN: u32 = 16 * 1024 * 1024;
+
+/// How a frame's bytes are stored.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Codec {
+    /// Stored as is.
+    Raw = 0,
+    /// An lz4 block (lz4_flex), without a size prefix.
+    Lz4 = 1,
+}
+
+impl TryFrom<u8> for Codec {
+    type Error = FrameError;
+
+    fn try_from(v: u8) -> Result<Self, FrameError> {
+        match v {
+            0 => Ok(Codec::Raw),
+            1 => Ok(Codec::Lz4),
+            other => Err(FrameError::UnknownCodec(other)),
+        }
+    }
+}
+
+/// What can be wrong with a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Fewer bytes than the header or its stored length require.
+    #[error("truncated frame: need {needed} bytes, have {have}")]
+    Truncated { needed: usize, have: usize },
+    /// The magic bytes are wrong: this is not the start of a frame.
+    #[error("not a frame: bad magic bytes")]
+    BadMagic,
+    /// A format version this build does not understand.
+    #[error(
+        "unsupported frame version {0} (this build reads version {FRAME_VERSION}); upgrade granary"
+    )]
+    UnknownVersion(u8),
+    /// A codec byte this build does not understand.
+    #[error("unknown frame codec {0}")]
+    UnknownCodec(u8),
+    /// The header is self-contradictory or the payload does not decode.
+    #[error("corrupt frame: {0}")]
+    Corrupt(&'static str),
+    /// The bytes decode, but do not hash to the id in the header.
+    #[error("corrupt frame: content hash does not match chunk id {0}")]
+    HashMismatch(ChunkId),
+    /// The frame is intact but holds another chunk than the one asked for.
+    #[error("frame holds chunk {found}, expected {expected}")]
+    WrongChunk { expected: ChunkId, found: ChunkId },
+}
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub codec: Codec,
+    pub raw_len: u32,
+    pub stored_len: u32,
+    pub id: ChunkId,
+}
+
+impl FrameHeader {
+    /// Parses and sanity-checks the header at the start of `buf`.
+    pub fn parse(buf: &[u8]) -> Result<Self, FrameError> {
+        if buf.len() < FRAME_HEADER_LEN {
+            return Err(FrameError::Truncated {
+                needed: FRAME_HEADER_LEN,
+                have: buf.len(),
+            });
+        }
+        if buf[0..2] != FRAME_MAGIC {
+            return Err(FrameError::BadMagic);
+        }
+        if buf[2] != FRAME_VERSION {
+            return Err(FrameError::UnknownVersion(buf[2]));
+        }
+        let codec = Codec::try_from(buf[3])?;
+        let raw_len = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+        let stored_len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
+        let id = ChunkId::from_slice(&buf[12..44]).expect("32 bytes");
+        if raw_len > MAX_CHUNK_LEN {
+            return Err(FrameError::Corrupt(
+                "raw length exceeds the maximum chunk size",
+            ));
+        }
+        match codec {
+            Codec::Raw if stored_len != raw_len => {
+                return Err(FrameError::Corrupt(
+                    "raw frame with stored length != raw length",
+                ))
+            }
+            Codec::Lz4
+                if stored_len as usize
+                    > lz4_flex::block::get_maximum_output_size(raw_len as usize) =>
+            {
+                return Err(FrameError::Corrupt("lz4 frame longer than its worst case"))
+            }
+            _ => {}
+        }
+        Ok(Self {
+            codec,
+            raw_len,
+            stored_len,
+            id,
+        })
+    }
+
+    /// Encodes the header.
+    pub fn to_bytes(&self) -> [u8; FRAME_HEADER_LEN] {
+        let mut out = [0u8; FRAME_HEADER_LEN];
+        out[0..2].copy_from_slice(&FRAME_MAGIC);
+        out[2] = FRAME_VERSION;
+        out[3] = self.codec as u8;
+        out[4..8].copy_from_slice(&self.raw_len.to_le_bytes());
+        out[8..12].copy_from_slice(&self.stored_len.to_le_bytes());
+        out[12..44].copy_from_slice(self.id.as_bytes());
+        out
+    }
+
+    /// Header plus stored bytes.
+    pub fn frame_len(&self) -> usize {
+        FRAME_HEADER_LEN + self.stored_len as usize
+    }
+}
+
+/// Chunks smaller than this are never compressed: the saving is too small to pay for itself.
+const MIN_COMPRESS_LEN: usize = 512;
+/// Size of the probe compressed before committing to lz4 on a whole chunk.
+const PROBE_LEN: usize = 4096;
+
+/// What the previous chunks of a stream said about compressing the next one.
+///
+/// Files tend to be homogeneous: a text file keeps compressing, a JPEG never
+/// does. Chunks of one file share a hint (it is atomic, so chunks encoded on
+/// different threads can share it), which lets the encoder skip the probe on
+/// data that has been compressing.
+#[derive(Debug, Default)]
+pub struct CompressHint(AtomicU8);
+
+const HINT_UNKNOWN: u8 = 0;
+const HINT_COMPRESSIBLE: u8 = 1;
+const HINT_INCOMPRESSIBLE: u8 = 2;
+
+impl CompressHint {
+    /// A hint that knows nothing yet.
+    pub const fn new() -> Self {
+        Self(AtomicU8::new(HINT_UNKNOWN))
+    }
+}
+
+/// Appends the frame for chunk `id` with contents `raw` to `out` and returns
+/// the codec chosen. `id` must be `ChunkId::of(raw)`.
+///
+/// lz4 is kept only when it saves at least 5%. Deciding costs little: chunks
+/// under 512 bytes are stored raw; for chunks larger than 16 KiB whose stream
+/// has not been compressing (see [`CompressHint`]), a 4 KiB probe from the
+/// middle is compressed first, and if even the probe does not shrink by 3% the
+/// chunk is stored raw without compressing the rest. Incompressible data
+/// (images, archives) therefore costs a small probe per chunk, and data that
+/// keeps compressing no probe at all.
+pub fn encode_frame_hinted(
+    id: &ChunkId,
+    raw: &[u8],
+    hint: &CompressHint,
+    out: &mut Vec<u8>,
+) -> Codec {
+    debug_assert!(raw.len() <= MAX_CHUNK_LEN as usize);
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+    let large = raw.len() > 4 * PROBE_LEN;
+    let try_lz4 = raw.len() >= MIN_COMPRESS_LEN
+        && (!large || hint.0.load(Ordering::Relaxed) == HINT_COMPRESSIBLE || probe_compresses(raw));
+    let codec = if try_lz4 {
+        let max = lz4_flex::block::get_maximum_output_size(raw.len());
+        out.resize(start + FRAME_HEADER_LEN + max, 0);
+        let n = lz4_flex::block::compress_into(raw, &mut out[start + FRAME_HEADER_LEN..])
+            .expect("output buffer sized by get_maximum_output_size");
+        if n * 20 <= raw.len() * 19 {
+            out.truncate(start + FRAME_HEADER_LEN + n);
+            Codec::Lz4
+        } else {
+            out.truncate(start + FRAME_HEADER_LEN);
+            out.extend_from_slice(raw);
+            Codec::Raw
+        }
+    } else {
+        out.extend_from_slice(raw);
+        Codec::Raw
+    };
+    if large {
+        let learned = if codec == Codec::Lz4 {
+            HINT_COMPRESSIBLE
+        } else {
+            HINT_INCOMPRESSIBLE
+        };
+        hint.0.store(learned, Ordering::Relaxed);
+    }
+    let header = FrameHeader {
+        codec,
+        raw_len: raw.len() as u32,
+        stored_len: (out.len() - start - FRAME_HEADER_LEN) as u32,
+        id: *id,
+    };
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header.to_bytes());
+    codec
+}
+
+/// [`encode_frame_hinted`] for a chunk with no history.
+pub fn encode_frame(id: &ChunkId, raw: &[u8], out: &mut Vec<u8>) -> Codec {
+    encode_frame_hinted(id, raw, &CompressHint::new(), out)
+}
+
+fn probe_compresses(raw: &[u8]) -> bool {
+    let mid = raw.len() / 2 - PROBE_LEN / 2;
+    let probe = &raw[mid..mid + PROBE_LEN];
+    lz4_flex::block::compress(probe).len() * 100 <= PROBE_LEN * 97
+}
+
+/// Encodes a frame into a new buffer, hashing `raw` to find its id.
+pub fn frame_chunk(raw: &[u8]) -> (ChunkId, Vec<u8>) {
+    let id = ChunkId::of(raw);
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + raw.len());
+    encode_frame(&id, raw, &mut out);
+    (id, out)
+}
+
+/// Decodes the frame that fills `frame` exactly and verifies it, appending the
+/// raw bytes to `out`. With `expected`, the frame must also hold that chunk.
+pub fn decode_frame_into(
+    frame: &[u8],
+    expected: Option<&ChunkId>,
+    out: &mut Vec<u8>,
+) -> Result<FrameHeader, FrameError> {
+    let header = FrameHeader::parse(frame)?;
+    if let Some(expected) = expected {
+        if *expected != header.id {
+            return Err(FrameError::WrongChunk {
+                expected: *expected,
+                found: header.id,
+            });
+        }
+    }
+    let needed = header.frame_len();
+    if frame.len() < needed {
+        return Err(FrameError::Truncated {
+            needed,
+            have: frame.len(),
+        });
+    }
+    if frame.len() > needed {
+        return Err(FrameError::Corrupt("trailing bytes after the frame"));
+    }
+    let payload = &frame[FRAME_HEADER_LEN..];
+    let start = out.len();
+    match header.codec {
+        Codec::Raw => out.extend_from_slice(payload),
+        Codec::Lz4 => {
+            out.resize(start + header.raw_len as usize, 0);
+            let n = lz4_flex::block::decompress_into(payload, &mut out[start..]).map_err(|_| {
+                out.truncate(start);
+                FrameError::Corrupt("lz4 data does not decode")
+            })?;
+            if n != header.raw_len as usize {
+                out.truncate(start);
+                return Err(FrameError::Corrupt("lz4 data decodes to the wrong length"));
+            }
+        }
+    }
+    if ChunkId::of(&out[start..]) != header.id {
+        out.truncate(start);
+        return Err(FrameError::HashMismatch(header.id));
+    }
+    Ok(header)
+}
+
+/// Decodes and verifies a frame into a new buffer.
+pub fn decode_frame(frame: &[u8], expected: Option<&ChunkId>) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    decode_frame_into(frame, expected, &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_compressed_random_is_not() {
+        let text = b"the quick brown fox jumps over the lazy dog. ".repeat(2000);
+        let (id, frame) = frame_chunk(&text);
+        assert_eq!(FrameHeader::parse(&frame).unwrap().codec, Codec::Lz4);
+        assert!(frame.len() < text.len() / 4);
+        assert_eq!(decode_frame(&frame, Some(&id)).unwrap(), text);
+
+        let mut random = vec![0u8; 64 * 1024];
+        blake3::Hasher::new().finalize_xof().fill(&mut random);
+        let (id, frame) = frame_chunk(&random);
+        assert_eq!(FrameHeader::parse(&frame).unwrap().codec, Codec::Raw);
+        assert_eq!(frame.len(), FRAME_HEADER_LEN + random.len());
+        assert_eq!(decode_frame(&frame, Some(&id)).unwrap(), random);
+    }
+
+    #[test]
+    fn unknown_codec_and_version_are_typed_errors() {
+        let (_, mut frame) = frame_chunk(b"hello");
+        frame[3] = 9;
+        assert_eq!(decode_frame(&frame, None), Err(FrameError::UnknownCodec(9)));
+        frame[3] = 0;
+        frame[2] = 2;
+        assert_eq!(
+            decode_frame(&frame, None),
+            Err(FrameError::UnknownVersion(2))
+        );
+    }
+
+    #[test]
+    fn wrong_chunk_is_reported() {
+        let (_, frame) = frame_chunk(b"hello");
+        let other = ChunkId::of(b"other");
+        assert!(matches!(
+            decode_frame(&frame, Some(&other)),
+            Err(FrameError::WrongChunk { .. })
+        ));
+    }
+}

@@ -1,0 +1,275 @@
+//! Command-line definition (clap derive). Every command and flag is documented
+//! here; `granary help COMMAND` shows it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Granary: a distributed, content-addressed store for machine-learning datasets.
+///
+/// Upload a directory as an immutable dataset version, mount any version
+/// read-only through FUSE, and tier cold data to an object store.
+/// Start with `granary server` (one node, both roles, data in ./granary-data).
+#[derive(Debug, Parser)]
+#[command(
+    name = "granary",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a server node (meta and/or chunk role). No flags: a one-node cluster with both roles.
+    Server(ServerArgs),
+    /// Upload a directory as a new version of a dataset.
+    Upload(UploadArgs),
+    /// Download a dataset version into a directory.
+    Download(DownloadArgs),
+    /// List datasets.
+    Datasets(OutputArgs),
+    /// Show the versions of a dataset.
+    Log(DatasetArg),
+    /// List files of a dataset version: DATASET[@N][:PATH].
+    Ls(LsArgs),
+    /// Show what changed between two versions.
+    Diff(DiffArgs),
+    /// Delete a dataset version (its data is reclaimed by GC).
+    Rm(DatasetArg),
+    /// Mount a dataset version read-only with FUSE.
+    Mount(MountArgs),
+    /// Unmount a Granary mount.
+    Umount(UmountArgs),
+    /// Warm the local cache with a whole version or some paths of it.
+    Prefetch(PrefetchArgs),
+    /// Cluster administration: status, membership, tiering, GC, scrub.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Look at local data without a server: compute a directory's tree, check a pack file.
+    #[command(subcommand)]
+    Inspect(InspectCommand),
+    /// Benchmarks that print their figures next to a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `--json` for output that scripts read.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where to find the cluster.
+#[derive(Debug, Args)]
+pub struct ServerAddrArgs {
+    /// Server address(es), comma-separated; any node of the cluster works.
+    #[arg(
+        long = "server",
+        env = "GRANARY_SERVER",
+        default_value = "127.0.0.1:7700",
+        value_delimiter = ','
+    )]
+    pub servers: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// This node's id, unique in the cluster.
+    #[arg(long, default_value_t = 1)]
+    pub node_id: u64,
+    /// Address to listen on for clients and peers.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: String,
+    /// Where this node keeps its metadata and packs.
+    #[arg(long, default_value = "./granary-data")]
+    pub data_dir: PathBuf,
+    /// Address of any existing cluster node to join (first start only).
+    #[arg(long)]
+    pub join: Option<String>,
+    /// Roles this node runs: meta, chunk, or meta,chunk.
+    #[arg(long, default_value = "meta,chunk")]
+    pub role: String,
+}
+
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    /// The directory to upload.
+    pub dir: PathBuf,
+    /// Dataset name (created on first upload).
+    pub dataset: String,
+    /// A message describing this version.
+    #[arg(short, long)]
+    pub message: Option<String>,
+    #[command(flatten)]
+    pub server: ServerAddrArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    /// DATASET or DATASET@N (latest version when N is left out).
+    pub version: String,
+    /// Directory to write into (created if missing).
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub server: ServerAddrArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DatasetArg {
+    /// DATASET or DATASET@N.
+    pub target: String,
+    #[command(flatten)]
+    pub server: ServerAddrArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// DATASET[@N][:PATH].
+    pub target: String,
+    /// Long format: kind, mode, size, mtime.
+    #[arg(short = 'l')]
+    pub long: bool,
+    #[command(flatten)]
+    pub server: ServerAddrArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The older version, DATASET@A.
+    pub from: String,
+    /// The newer version, DATASET@B.
+    pub to: String,
+    #[command(flatten)]
+    pub server: ServerAddrArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// DATASET or DATASET@N.
+    pub version: String,
+    /// An existing empty directory to mount on.
+    pub mountpoint: PathBuf,
+    /// Disk cache directory, shared by all mounts on this host.
+    #[arg(long, default_value = "/var/cache/granary")]
+    pub cache_dir: PathBuf,
+    /// Disk cache size cap, e.g. 10GiB.
+    #[arg(long, default_value = "10GiB")]
+    pub cache_size: String,
+    /// Memory cache size cap, e.g. 1GiB.
+    #[arg(long, default_value = "1GiB")]
+    pub mem_cache: String,
+    /// Stay in the foreground until unmounted (for container entrypoints).
+    #[arg(long)]
+    pub foreground: bool,
+    /// Let other users read the mount.
+    #[arg(long)]
+    pub allow_other: bool,
+    #[command(flatten)]
+    pub server: ServerAddrArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    /// The mountpoint to unmount.
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    /// DATASET or DATASET@N.
+    pub version: String,
+    /// Paths inside the version to prefetch (default: everything).
+    pub paths: Vec<String>,
+    #[command(flatten)]
+    pub server: ServerAddrArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Cluster status: leader, term, nodes, log and applied indexes.
+    Status {
+        #[command(flatten)]
+        server: ServerAddrArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Remove a node from the cluster.
+    RemoveNode {
+        /// The node id to remove.
+        node_id: u64,
+        #[command(flatten)]
+        server: ServerAddrArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InspectCommand {
+    /// Chunk and hash a local directory as an upload would, and print its root tree id and stats.
+    ///
+    /// The same directory always gives the same tree id; nothing is stored.
+    Tree {
+        /// The directory to scan.
+        dir: PathBuf,
+        /// Worker threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// List the chunks of a sealed pack file and optionally verify every frame.
+    Pack {
+        /// Path to a .pack file.
+        file: PathBuf,
+        /// Decode and verify every frame (BLAKE3).
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Ingest pipeline (chunk + hash + frame) vs plain BLAKE3 and plain lz4 on the same bytes.
+    Ingest(BenchIngestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchIngestArgs {
+    /// Where to generate the data (default: a temporary directory, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// MiB of incompressible data.
+    #[arg(long, default_value_t = 512)]
+    pub random_mib: u64,
+    /// MiB of text-like data.
+    #[arg(long, default_value_t = 256)]
+    pub text_mib: u64,
+    /// Size of each generated file, in MiB.
+    #[arg(long, default_value_t = 4)]
+    pub file_mib: u64,
+    /// Worker threads for every contender (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Runs per contender; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: u32,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
