@@ -11,12 +11,7 @@ use clap::{Args, Parser, Subcommand};
 /// read-only through FUSE, and tier cold data to an object store.
 /// Start with `granary server` (one node, both roles, data in ./granary-data).
 #[derive(Debug, Parser)]
-#[command(
-    name = "granary",
-    version,
-    propagate_version = true,
-    max_term_width = 100
-)]
+#[command(name = "granary", version, propagate_version = true, max_term_width = 100)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

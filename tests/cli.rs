@@ -28,14 +28,17 @@ fn help_lists_every_command_and_version_works() {
     assert!(o.status.success());
     let help = stdout(&o);
     for cmd in [
-        "server", "upload", "download", "datasets", "log", "ls", "diff", "rm", "mount", "umount", "prefetch", "admin",
-        "inspect", "bench",
+        "server", "upload", "download", "datasets", "log", "ls", "diff", "rm", "mount", "umount", "prefetch",
+        "admin", "inspect", "bench",
     ] {
         assert!(help.contains(&format!("  {cmd} ")), "--help lacks {cmd}:\n{help}");
     }
     let o = granary(&["--version"]);
     assert!(o.status.success());
-    assert_eq!(stdout(&o).trim(), format!("granary {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        stdout(&o).trim(),
+        format!("granary {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -65,7 +68,10 @@ fn errors_are_one_line_with_nonzero_exit() {
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("error: cannot read '/definitely/not/here'"), "{err}");
+    assert!(
+        err.starts_with("error: cannot read '/definitely/not/here'"),
+        "{err}"
+    );
 
     let o = granary(&["upload", "/tmp", "ds"]);
     assert_eq!(o.status.code(), Some(1));
@@ -76,7 +82,8 @@ fn write_pack(path: &Path) {
     let mut w = PackWriter::create(path, 42).unwrap();
     for i in 0..10u32 {
         let data = format!("chunk number {i} ").repeat(100 + i as usize);
-        w.append_chunk(&ChunkId::of(data.as_bytes()), data.as_bytes()).unwrap();
+        w.append_chunk(&ChunkId::of(data.as_bytes()), data.as_bytes())
+            .unwrap();
     }
     w.seal().unwrap();
 }
@@ -100,7 +107,11 @@ fn inspect_pack_lists_verifies_and_reports_damage() {
     std::fs::write(&path, &bytes).unwrap();
     let o = granary(&["inspect", "pack", p, "--verify"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stdout(&o).contains("verified   9 ok, 1 damaged"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("verified   9 ok, 1 damaged"),
+        "{}",
+        stdout(&o)
+    );
     assert!(stderr(&o).contains("1 of 10 frames"), "{}", stderr(&o));
 
     // Damage the footer: the pack is refused outright.

@@ -63,9 +63,7 @@ pub enum FrameError {
     #[error("not a frame: bad magic bytes")]
     BadMagic,
     /// A format version this build does not understand.
-    #[error(
-        "unsupported frame version {0} (this build reads version {FRAME_VERSION}); upgrade granary"
-    )]
+    #[error("unsupported frame version {0} (this build reads version {FRAME_VERSION}); upgrade granary")]
     UnknownVersion(u8),
     /// A codec byte this build does not understand.
     #[error("unknown frame codec {0}")]
@@ -110,19 +108,14 @@ impl FrameHeader {
         let stored_len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
         let id = ChunkId::from_slice(&buf[12..44]).expect("32 bytes");
         if raw_len > MAX_CHUNK_LEN {
-            return Err(FrameError::Corrupt(
-                "raw length exceeds the maximum chunk size",
-            ));
+            return Err(FrameError::Corrupt("raw length exceeds the maximum chunk size"));
         }
         match codec {
             Codec::Raw if stored_len != raw_len => {
-                return Err(FrameError::Corrupt(
-                    "raw frame with stored length != raw length",
-                ))
+                return Err(FrameError::Corrupt("raw frame with stored length != raw length"))
             }
             Codec::Lz4
-                if stored_len as usize
-                    > lz4_flex::block::get_maximum_output_size(raw_len as usize) =>
+                if stored_len as usize > lz4_flex::block::get_maximum_output_size(raw_len as usize) =>
             {
                 return Err(FrameError::Corrupt("lz4 frame longer than its worst case"))
             }
@@ -189,12 +182,7 @@ impl CompressHint {
 /// chunk is stored raw without compressing the rest. Incompressible data
 /// (images, archives) therefore costs a small probe per chunk, and data that
 /// keeps compressing no probe at all.
-pub fn encode_frame_hinted(
-    id: &ChunkId,
-    raw: &[u8],
-    hint: &CompressHint,
-    out: &mut Vec<u8>,
-) -> Codec {
+pub fn encode_frame_hinted(id: &ChunkId, raw: &[u8], hint: &CompressHint, out: &mut Vec<u8>) -> Codec {
     debug_assert!(raw.len() <= MAX_CHUNK_LEN as usize);
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
@@ -338,10 +326,7 @@ mod tests {
         assert_eq!(decode_frame(&frame, None), Err(FrameError::UnknownCodec(9)));
         frame[3] = 0;
         frame[2] = 2;
-        assert_eq!(
-            decode_frame(&frame, None),
-            Err(FrameError::UnknownVersion(2))
-        );
+        assert_eq!(decode_frame(&frame, None), Err(FrameError::UnknownVersion(2)));
     }
 
     #[test]

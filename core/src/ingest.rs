@@ -270,9 +270,7 @@ pub fn ingest_dir(
                     target: target.as_os_str().as_bytes().to_vec(),
                 },
             };
-            dirs[parent.expect("root is a directory")]
-                .entries
-                .push(entry);
+            dirs[parent.expect("root is a directory")].entries.push(entry);
             stats.symlinks += 1;
         } else {
             let reason = if ft.is_socket() {
@@ -323,12 +321,7 @@ pub fn ingest_dir(
             }
         }
         dirs[job.dir].entries.push(TreeEntry {
-            name: job
-                .path
-                .file_name()
-                .expect("file has a name")
-                .as_bytes()
-                .to_vec(),
+            name: job.path.file_name().expect("file has a name").as_bytes().to_vec(),
             mode: job.meta.mode() & 0o7777,
             mtime: mtime(&job.meta),
             data: EntryData::File {
@@ -380,10 +373,7 @@ fn mtime(meta: &Metadata) -> Timestamp {
 }
 
 fn same_version(a: &Metadata, b: &Metadata) -> bool {
-    a.len() == b.len()
-        && a.mtime() == b.mtime()
-        && a.mtime_nsec() == b.mtime_nsec()
-        && a.ino() == b.ino()
+    a.len() == b.len() && a.mtime() == b.mtime() && a.mtime_nsec() == b.mtime_nsec() && a.ino() == b.ino()
 }
 
 struct FileResult {
@@ -459,12 +449,10 @@ impl FileWorker<'_> {
                     hint,
                     path,
                 };
-                self.sink
-                    .chunk(&chunk)
-                    .map_err(|source| IngestError::Sink {
-                        path: path.to_path_buf(),
-                        source,
-                    })?;
+                self.sink.chunk(&chunk).map_err(|source| IngestError::Sink {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
             }
             Ok((
                 ChunkRef {
@@ -489,8 +477,7 @@ impl FileWorker<'_> {
             }
             out.chunks.push(r);
         }
-        self.progress
-            .bytes(ends.last().copied().unwrap_or(0) as u64);
+        self.progress.bytes(ends.last().copied().unwrap_or(0) as u64);
         Ok(())
     }
 }

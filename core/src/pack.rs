@@ -29,8 +29,8 @@ mod reader;
 mod writer;
 
 pub use format::{
-    encode_footer, parse_header, parse_index, IndexEntry, Trailer, INDEX_ENTRY_LEN,
-    PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION, TRAILER_LEN, TRAILER_MAGIC,
+    encode_footer, parse_header, parse_index, IndexEntry, Trailer, INDEX_ENTRY_LEN, PACK_HEADER_LEN,
+    PACK_MAGIC, PACK_VERSION, TRAILER_LEN, TRAILER_MAGIC,
 };
 pub use reader::{PackReader, VerifyReport};
 pub use writer::{PackWriter, Recovery, SealedPack, DEFAULT_PACK_TARGET};

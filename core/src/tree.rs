@@ -50,7 +50,9 @@ pub enum TreeError {
     Truncated,
     #[error("not a tree object: bad magic bytes")]
     BadMagic,
-    #[error("unsupported tree object version {0} (this build reads version {TREE_VERSION}); upgrade granary")]
+    #[error(
+        "unsupported tree object version {0} (this build reads version {TREE_VERSION}); upgrade granary"
+    )]
     UnknownVersion(u8),
     #[error("unknown tree object kind {0}")]
     UnknownKind(u8),
@@ -377,9 +379,7 @@ fn validate_entry(e: &TreeEntry) -> Result<(), TreeError> {
         EntryData::File { size, content } => match content {
             FileContent::Inline(chunks) => {
                 if chunks.iter().map(|c| c.len as u64).sum::<u64>() != *size {
-                    return Err(TreeError::Corrupt(
-                        "chunk lengths do not add up to the file size",
-                    ));
+                    return Err(TreeError::Corrupt("chunk lengths do not add up to the file size"));
                 }
             }
             FileContent::Spilled { chunks, .. } => {
@@ -448,21 +448,15 @@ impl<'a> Cursor<'a> {
     }
 
     fn u16(&mut self) -> Result<u16, TreeError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
     }
 
     fn u32(&mut self) -> Result<u32, TreeError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
 
     fn u64(&mut self) -> Result<u64, TreeError> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
 
     fn chunks(&mut self) -> Result<Vec<ChunkRef>, TreeError> {
@@ -475,9 +469,7 @@ impl<'a> Cursor<'a> {
             let id = ChunkId::from_slice(self.take(32)?).expect("32 bytes");
             let len = self.u32()?;
             if len == 0 || len > MAX_CHUNK_LEN {
-                return Err(TreeError::Corrupt(
-                    "chunk length is zero or above the maximum",
-                ));
+                return Err(TreeError::Corrupt("chunk length is zero or above the maximum"));
             }
             chunks.push(ChunkRef { id, len });
         }

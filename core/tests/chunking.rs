@@ -103,11 +103,7 @@ fn inserting_100_bytes_in_a_16_mib_file_changes_at_most_3_chunks() {
     let before: HashSet<ChunkId> = ids(&data).into_iter().collect();
     let after = ids(&edited);
     let changed = after.iter().filter(|id| !before.contains(id)).count();
-    assert!(
-        before.len() > 100,
-        "expected many chunks, got {}",
-        before.len()
-    );
+    assert!(before.len() > 100, "expected many chunks, got {}", before.len());
     assert!(changed <= 3, "{changed} chunk ids changed");
     assert!(changed >= 1, "the edit must change at least one chunk");
 }

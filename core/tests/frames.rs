@@ -1,8 +1,6 @@
 //! Frame properties: round trips for both codecs, every corruption detected, no panics.
 
-use granary_core::frame::{
-    decode_frame, encode_frame, frame_chunk, Codec, FrameHeader, FRAME_HEADER_LEN,
-};
+use granary_core::frame::{decode_frame, encode_frame, frame_chunk, Codec, FrameHeader, FRAME_HEADER_LEN};
 use granary_core::ChunkId;
 use proptest::prelude::*;
 
@@ -10,11 +8,7 @@ use proptest::prelude::*;
 fn compressible(seed: u64, len: usize) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let words: Vec<Vec<u8>> = (0..16)
-        .map(|_| {
-            (0..rng.usize(3..9))
-                .map(|_| rng.alphanumeric() as u8)
-                .collect()
-        })
+        .map(|_| (0..rng.usize(3..9)).map(|_| rng.alphanumeric() as u8).collect())
         .collect();
     let mut out = Vec::with_capacity(len);
     while out.len() < len {

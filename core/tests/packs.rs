@@ -58,10 +58,7 @@ fn sealed_pack_reads_back_and_verifies() {
     let report = r.verify().unwrap();
     assert_eq!((report.ok, report.bad.len()), (50, 0));
     let missing = ChunkId::of(b"not here");
-    assert!(matches!(
-        r.read_chunk(&missing),
-        Err(PackError::NotFound { .. })
-    ));
+    assert!(matches!(r.read_chunk(&missing), Err(PackError::NotFound { .. })));
     // A sealed pack cannot be reopened for appending.
     assert!(matches!(
         PackWriter::open_unsealed(&path),
@@ -84,11 +81,7 @@ fn every_flipped_byte_of_a_sealed_pack_is_reported() {
             Err(_) => true,
             Ok(r) => !r.verify().unwrap().bad.is_empty(),
         };
-        assert!(
-            detected,
-            "flip at byte {i} of {} went unnoticed",
-            good.len()
-        );
+        assert!(detected, "flip at byte {i} of {} went unnoticed", good.len());
     }
 }
 
@@ -168,10 +161,7 @@ fn append_frame_rejects_damaged_frames() {
     let mut w = PackWriter::create(&dir.path().join("x.pack"), 1).unwrap();
     let (_, mut frame) = granary_core::frame::frame_chunk(b"some chunk bytes");
     frame[50] ^= 1;
-    assert!(matches!(
-        w.append_frame(&frame),
-        Err(PackError::BadFrame { .. })
-    ));
+    assert!(matches!(w.append_frame(&frame), Err(PackError::BadFrame { .. })));
     assert!(w.is_empty());
     assert_eq!(w.len(), PACK_HEADER_LEN as u64);
 }

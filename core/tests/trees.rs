@@ -25,9 +25,7 @@ fn tiny() -> IngestOptions {
 }
 
 fn root_of(dir: &Path) -> TreeId {
-    ingest_dir(dir, &tiny(), &DiscardSink, &NoProgress)
-        .unwrap()
-        .root
+    ingest_dir(dir, &tiny(), &DiscardSink, &NoProgress).unwrap().root
 }
 
 fn set_mtime(path: &Path, secs: u64) {
@@ -50,19 +48,11 @@ fn awkward_tree(root: &Path) {
     .unwrap();
     // > 512 tiny chunks: the chunk list spills into its own object.
     std::fs::write(root.join("a/b/big.bin"), common::random_bytes(2, 400_000)).unwrap();
-    std::fs::write(
-        root.join(OsStr::from_bytes(b"caf\xe9-latin1")),
-        b"non-utf8 name",
-    )
-    .unwrap();
+    std::fs::write(root.join(OsStr::from_bytes(b"caf\xe9-latin1")), b"non-utf8 name").unwrap();
     std::os::unix::fs::symlink("a/small.txt", root.join("link")).unwrap();
     std::os::unix::fs::symlink("../../outside/the/root", root.join("a/escape")).unwrap();
     std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
-    std::fs::set_permissions(
-        root.join("a/small.txt"),
-        std::fs::Permissions::from_mode(0o640),
-    )
-    .unwrap();
+    std::fs::set_permissions(root.join("a/small.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
     std::fs::set_permissions(root.join("a/b"), std::fs::Permissions::from_mode(0o700)).unwrap();
     set_mtime(&root.join("a/small.txt"), 1_600_000_000);
 }
@@ -101,10 +91,7 @@ fn empty_dataset_round_trips() {
     let out = ingest_dir(src.path(), &tiny(), &DiscardSink, &NoProgress).unwrap();
     assert_eq!(out.stats.files + out.stats.dirs, 0);
     assert_eq!(out.objects.len(), 1);
-    assert!(Tree::decode(&out.objects[0].1)
-        .unwrap()
-        .entries()
-        .is_empty());
+    assert!(Tree::decode(&out.objects[0].1).unwrap().entries().is_empty());
 }
 
 #[test]
@@ -161,13 +148,7 @@ fn not_a_directory_and_missing_root_are_clear_errors() {
     let err = ingest_dir(&f, &tiny(), &DiscardSink, &NoProgress).unwrap_err();
     assert!(matches!(err, IngestError::NotADirectory(_)));
     assert!(err.to_string().contains("is not a directory"), "{err}");
-    let err = ingest_dir(
-        &d.path().join("missing"),
-        &tiny(),
-        &DiscardSink,
-        &NoProgress,
-    )
-    .unwrap_err();
+    let err = ingest_dir(&d.path().join("missing"), &tiny(), &DiscardSink, &NoProgress).unwrap_err();
     assert!(err.to_string().starts_with("cannot read '"), "{err}");
     assert!(err.to_string().contains("No such file"), "{err}");
 }
@@ -206,16 +187,12 @@ fn each_distinct_chunk_reaches_the_sink_once() {
     let out = ingest_dir(d.path(), &tiny(), &sink, &NoProgress).unwrap();
     assert_eq!(out.stats.unique_bytes, 30_000);
     assert_eq!(out.stats.bytes, 150_000);
-    assert_eq!(
-        out.stats.unique_chunks,
-        sink.chunks.lock().unwrap().len() as u64
-    );
+    assert_eq!(out.stats.unique_chunks, sink.chunks.lock().unwrap().len() as u64);
 }
 
 fn entry_strategy() -> impl Strategy<Value = TreeEntry> {
-    let name = proptest::collection::vec(any::<u8>(), 1..20).prop_filter("valid name", |n| {
-        granary_core::tree::validate_name(n).is_ok()
-    });
+    let name = proptest::collection::vec(any::<u8>(), 1..20)
+        .prop_filter("valid name", |n| granary_core::tree::validate_name(n).is_ok());
     let data = prop_oneof![
         proptest::collection::vec((any::<[u8; 32]>(), 1u32..100_000), 0..6).prop_map(|cs| {
             let chunks: Vec<ChunkRef> = cs
@@ -242,8 +219,7 @@ fn entry_strategy() -> impl Strategy<Value = TreeEntry> {
         any::<[u8; 32]>().prop_map(|id| EntryData::Dir {
             tree: TreeId::from_bytes(id)
         }),
-        proptest::collection::vec(1u8..=255, 1..50)
-            .prop_map(|target| EntryData::Symlink { target }),
+        proptest::collection::vec(1u8..=255, 1..50).prop_map(|target| EntryData::Symlink { target }),
     ];
     (name, 0u32..=0o7777, any::<i64>(), 0u32..1_000_000_000, data).prop_map(
         |(name, mode, secs, nanos, data)| TreeEntry {

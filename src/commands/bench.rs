@@ -9,10 +9,7 @@ pub use ingest::run as ingest;
 use std::time::{Duration, Instant};
 
 /// Best (shortest) wall time of `runs` runs of `f`.
-fn best_of<T>(
-    runs: u32,
-    mut f: impl FnMut() -> anyhow::Result<T>,
-) -> anyhow::Result<(Duration, T)> {
+fn best_of<T>(runs: u32, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<(Duration, T)> {
     let mut best: Option<(Duration, T)> = None;
     for _ in 0..runs.max(1) {
         let start = Instant::now();

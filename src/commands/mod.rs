@@ -10,16 +10,12 @@ use crate::cli::{BenchCommand, Cli, Command, InspectCommand};
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Inspect(InspectCommand::Tree {
-            dir,
-            threads,
-            output,
-        }) => inspect::tree(&dir, threads, output.json),
-        Command::Inspect(InspectCommand::Pack {
-            file,
-            verify,
-            output,
-        }) => inspect::pack(&file, verify, output.json),
+        Command::Inspect(InspectCommand::Tree { dir, threads, output }) => {
+            inspect::tree(&dir, threads, output.json)
+        }
+        Command::Inspect(InspectCommand::Pack { file, verify, output }) => {
+            inspect::pack(&file, verify, output.json)
+        }
         Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(&args),
         Command::Server(_) => not_yet("server"),
         Command::Upload(_) => not_yet("upload"),

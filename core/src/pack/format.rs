@@ -142,11 +142,7 @@ fn footer_checksum(header: &[u8], index: &[u8], index_offset: u64, count: u64) -
 }
 
 /// Encodes index + trailer for frames that end at `index_offset`.
-pub fn encode_footer(
-    header: &[u8; PACK_HEADER_LEN],
-    entries: &[IndexEntry],
-    index_offset: u64,
-) -> Vec<u8> {
+pub fn encode_footer(header: &[u8; PACK_HEADER_LEN], entries: &[IndexEntry], index_offset: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(entries.len() * INDEX_ENTRY_LEN + TRAILER_LEN);
     for e in entries {
         e.write(&mut out);
@@ -164,18 +160,11 @@ pub fn encode_footer(
 /// Verifies the checksum of `index` (the bytes at `trailer.index_range()`) and
 /// that its entries tile the frame area `[PACK_HEADER_LEN, index_offset)`
 /// exactly, in order. Returns the entries.
-pub fn parse_index(
-    header: &[u8],
-    index: &[u8],
-    trailer: &Trailer,
-) -> Result<Vec<IndexEntry>, &'static str> {
-    if header.len() != PACK_HEADER_LEN
-        || index.len() as u64 != trailer.entry_count * INDEX_ENTRY_LEN as u64
-    {
+pub fn parse_index(header: &[u8], index: &[u8], trailer: &Trailer) -> Result<Vec<IndexEntry>, &'static str> {
+    if header.len() != PACK_HEADER_LEN || index.len() as u64 != trailer.entry_count * INDEX_ENTRY_LEN as u64 {
         return Err("index has the wrong size");
     }
-    if footer_checksum(header, index, trailer.index_offset, trailer.entry_count) != trailer.checksum
-    {
+    if footer_checksum(header, index, trailer.index_offset, trailer.entry_count) != trailer.checksum {
         return Err("index checksum mismatch");
     }
     let mut entries = Vec::with_capacity(trailer.entry_count as usize);

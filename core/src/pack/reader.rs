@@ -137,10 +137,9 @@ impl PackReader {
             raw.clear();
             match decode_frame_into(&buf, Some(&e.id), &mut raw) {
                 Ok(h) if h.stored_len == e.stored_len && h.raw_len == e.raw_len => report.ok += 1,
-                Ok(_) => report.bad.push((
-                    *e,
-                    FrameError::Corrupt("frame header disagrees with the index"),
-                )),
+                Ok(_) => report
+                    .bad
+                    .push((*e, FrameError::Corrupt("frame header disagrees with the index"))),
                 Err(err) => report.bad.push((*e, err)),
             }
         }

@@ -54,8 +54,7 @@ impl PackWriter {
             .map_err(|e| PackError::io(path, e))?;
         let header = encode_header(pack_id);
         let mut file = BufWriter::with_capacity(1 << 20, file);
-        file.write_all(&header)
-            .map_err(|e| PackError::io(path, e))?;
+        file.write_all(&header).map_err(|e| PackError::io(path, e))?;
         Ok(Self {
             file,
             path: path.to_path_buf(),
@@ -71,11 +70,7 @@ impl PackWriter {
     /// verifies, truncates whatever follows the last one, and fsyncs.
     pub fn open_unsealed(path: &Path) -> Result<(Self, Recovery), PackError> {
         let io = |e| PackError::io(path, e);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(io)?;
+        let mut file = OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
         if is_sealed(&mut file, file_len).map_err(io)? {
             return Err(PackError::Sealed {
@@ -84,12 +79,10 @@ impl PackWriter {
         }
         let mut reader = BufReader::with_capacity(1 << 20, &mut file);
         let mut header = [0u8; PACK_HEADER_LEN];
-        reader
-            .read_exact(&mut header)
-            .map_err(|_| PackError::BadHeader {
-                path: path.to_path_buf(),
-                reason: "file shorter than a pack header",
-            })?;
+        reader.read_exact(&mut header).map_err(|_| PackError::BadHeader {
+            path: path.to_path_buf(),
+            reason: "file shorter than a pack header",
+        })?;
         let pack_id = parse_header(&header).map_err(|reason| PackError::BadHeader {
             path: path.to_path_buf(),
             reason,
@@ -108,9 +101,7 @@ impl PackWriter {
                 break;
             };
             frame.resize(h.frame_len(), 0);
-            if read_full(&mut reader, &mut frame[FRAME_HEADER_LEN..]).map_err(io)?
-                < h.stored_len as usize
-            {
+            if read_full(&mut reader, &mut frame[FRAME_HEADER_LEN..]).map_err(io)? < h.stored_len as usize {
                 break;
             }
             raw.clear();
@@ -193,9 +184,7 @@ impl PackWriter {
 
     /// Makes every appended frame durable (flush + fdatasync).
     pub fn sync(&mut self) -> Result<(), PackError> {
-        self.file
-            .flush()
-            .map_err(|e| PackError::io(&self.path, e))?;
+        self.file.flush().map_err(|e| PackError::io(&self.path, e))?;
         self.file
             .get_ref()
             .sync_data()
@@ -208,9 +197,7 @@ impl PackWriter {
         self.file
             .write_all(&footer)
             .map_err(|e| PackError::io(&self.path, e))?;
-        self.file
-            .flush()
-            .map_err(|e| PackError::io(&self.path, e))?;
+        self.file.flush().map_err(|e| PackError::io(&self.path, e))?;
         self.file
             .get_ref()
             .sync_all()

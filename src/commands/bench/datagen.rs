@@ -22,16 +22,15 @@ pub struct TextGen {
 }
 
 const COMMON: &[&str] = &[
-    "the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be",
-    "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have",
-    "an", "had", "they", "you", "were", "their", "one", "all", "we", "can", "her", "has", "there",
-    "been", "if", "more", "when", "will", "would", "who", "so", "no", "data", "model", "training",
-    "loss", "epoch", "batch", "error", "value", "result",
+    "the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on",
+    "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they",
+    "you", "were", "their", "one", "all", "we", "can", "her", "has", "there", "been", "if", "more", "when",
+    "will", "would", "who", "so", "no", "data", "model", "training", "loss", "epoch", "batch", "error",
+    "value", "result",
 ];
 const SYLLABLES: &[&str] = &[
-    "ka", "ri", "ton", "mel", "sa", "dor", "in", "ex", "ve", "lo", "pra", "tic", "al", "ment",
-    "ing", "con", "ser", "na", "tu", "re", "ble", "ous", "ly", "par", "di", "gen", "ter", "mo",
-    "fi", "cal",
+    "ka", "ri", "ton", "mel", "sa", "dor", "in", "ex", "ve", "lo", "pra", "tic", "al", "ment", "ing", "con",
+    "ser", "na", "tu", "re", "ble", "ous", "ly", "par", "di", "gen", "ter", "mo", "fi", "cal",
 ];
 
 impl TextGen {

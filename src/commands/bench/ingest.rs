@@ -47,9 +47,7 @@ struct Dataset {
 
 pub fn run(args: &BenchIngestArgs) -> anyhow::Result<()> {
     let threads = if args.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     } else {
         args.threads
     };
@@ -57,9 +55,7 @@ pub fn run(args: &BenchIngestArgs) -> anyhow::Result<()> {
     let root = match &args.dir {
         Some(d) => d.clone(),
         None => {
-            tmp = tempfile::Builder::new()
-                .prefix("granary-bench-")
-                .tempdir()?;
+            tmp = tempfile::Builder::new().prefix("granary-bench-").tempdir()?;
             tmp.path().to_path_buf()
         }
     };
@@ -104,9 +100,7 @@ pub fn run(args: &BenchIngestArgs) -> anyhow::Result<()> {
             files: text_files,
         },
     ];
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     let opts = IngestOptions {
         threads,
         ..IngestOptions::default()
@@ -149,11 +143,7 @@ pub fn run(args: &BenchIngestArgs) -> anyhow::Result<()> {
         } else {
             ("lz4_flex", ingest / lz4, 0.8)
         };
-        let verdict = if ratio >= target {
-            "ok"
-        } else {
-            "BELOW TARGET"
-        };
+        let verdict = if ratio >= target { "ok" } else { "BELOW TARGET" };
         if args.output.json {
             out.push(json!({
                 "data": ds.name, "bytes": ds.bytes, "stored_bytes": stored, "lz4_only_bytes": lz4_out,
