@@ -103,7 +103,7 @@ fn inspect_pack_lists_verifies_and_reports_damage() {
 
     // Flip a byte inside the first frame's payload: the index stays valid, the frame does not.
     let mut bytes = std::fs::read(&path).unwrap();
-    bytes[24 + 44 + 5] ^= 0xff;
+    bytes[24 + 48 + 5] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
     let o = granary(&["inspect", "pack", p, "--verify"]);
     assert_eq!(o.status.code(), Some(1));

@@ -8,15 +8,19 @@
 //! 4       4     raw length, u32 little-endian
 //! 8       4     stored length, u32 little-endian (bytes that follow the header)
 //! 12      32    chunk id: BLAKE3 of the raw bytes
-//! 44      ...   stored bytes
+//! 44      4     CRC-32 of bytes 0..44 and of the stored bytes, little-endian
+//! 48      ...   stored bytes
 //! ```
 //!
 //! Carrying the id makes a frame self-describing: a pack can be re-indexed
 //! from its frames alone and a stray frame can always be checked.
 //! Decoding never trusts the header: lengths are bounded, the codec must be
-//! known, and the BLAKE3 of the decoded bytes must equal the id (and the id
-//! the caller expected), so any flipped or missing byte is an error, not
-//! wrong data. lz4 is used only when it saves at least 5%.
+//! known, the CRC must match, and the BLAKE3 of the decoded bytes must equal
+//! the id (and the id the caller expected). BLAKE3 alone proves the content;
+//! the CRC also catches damage to stored bytes that would still decode to the
+//! same content (an lz4 match offset flipped inside repetitive data), so every
+//! flipped byte is reported, and a scrub can check frames without decoding.
+//! lz4 is used only when it saves at least 5%.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -27,7 +31,7 @@ pub const FRAME_MAGIC: [u8; 2] = *b"GF";
 /// Current frame format version.
 pub const FRAME_VERSION: u8 = 1;
 /// Size of the frame header in bytes.
-pub const FRAME_HEADER_LEN: usize = 44;
+pub const FRAME_HEADER_LEN: usize = 48;
 /// Largest raw chunk a frame may carry (FastCDC's maximum chunk size).
 pub const MAX_CHUNK_LEN: u32 = 16 * 1024 * 1024;
 
@@ -86,6 +90,8 @@ pub struct FrameHeader {
     pub raw_len: u32,
     pub stored_len: u32,
     pub id: ChunkId,
+    /// CRC-32 of the first 44 header bytes and the stored bytes.
+    pub crc: u32,
 }
 
 impl FrameHeader {
@@ -107,6 +113,7 @@ impl FrameHeader {
         let raw_len = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
         let stored_len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
         let id = ChunkId::from_slice(&buf[12..44]).expect("32 bytes");
+        let crc = u32::from_le_bytes(buf[44..48].try_into().expect("4 bytes"));
         if raw_len > MAX_CHUNK_LEN {
             return Err(FrameError::Corrupt("raw length exceeds the maximum chunk size"));
         }
@@ -126,6 +133,7 @@ impl FrameHeader {
             raw_len,
             stored_len,
             id,
+            crc,
         })
     }
 
@@ -138,7 +146,16 @@ impl FrameHeader {
         out[4..8].copy_from_slice(&self.raw_len.to_le_bytes());
         out[8..12].copy_from_slice(&self.stored_len.to_le_bytes());
         out[12..44].copy_from_slice(self.id.as_bytes());
+        out[44..48].copy_from_slice(&self.crc.to_le_bytes());
         out
+    }
+
+    /// The CRC a frame with this header and `stored` bytes must carry.
+    pub fn compute_crc(&self, stored: &[u8]) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&self.to_bytes()[..44]);
+        h.update(stored);
+        h.finalize()
     }
 
     /// Header plus stored bytes.
@@ -214,12 +231,14 @@ pub fn encode_frame_hinted(id: &ChunkId, raw: &[u8], hint: &CompressHint, out: &
         };
         hint.0.store(learned, Ordering::Relaxed);
     }
-    let header = FrameHeader {
+    let mut header = FrameHeader {
         codec,
         raw_len: raw.len() as u32,
         stored_len: (out.len() - start - FRAME_HEADER_LEN) as u32,
         id: *id,
+        crc: 0,
     };
+    header.crc = header.compute_crc(&out[start + FRAME_HEADER_LEN..]);
     out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header.to_bytes());
     codec
 }
@@ -270,6 +289,9 @@ pub fn decode_frame_into(
         return Err(FrameError::Corrupt("trailing bytes after the frame"));
     }
     let payload = &frame[FRAME_HEADER_LEN..];
+    if header.compute_crc(payload) != header.crc {
+        return Err(FrameError::Corrupt("CRC mismatch"));
+    }
     let start = out.len();
     match header.codec {
         Codec::Raw => out.extend_from_slice(payload),

@@ -4,7 +4,7 @@
 //! +--------------------+  offset 0
 //! | header (24 bytes)  |  magic "GRANPACK", version, pack id
 //! +--------------------+  offset 24
-//! | frame              |  see crate::frame: 44-byte header + stored bytes
+//! | frame              |  see crate::frame: 48-byte header + stored bytes
 //! | frame              |
 //! | ...                |  frames are contiguous, in append order
 //! +--------------------+  index_offset
