@@ -1,13 +1,76 @@
 //! # granary-raft
 //!
-//! Replication of Granary's metadata. This crate owns:
-//! - the openraft type configuration (`declare_raft_types!`);
-//! - the RocksDB-backed log store (vote, log entries; big-endian keys) and the
-//!   state machine storage (applied state, snapshots from RocksDB checkpoints);
-//! - the tonic gRPC network between meta nodes (AppendEntries, Vote, snapshot
-//!   streaming), never exposed to clients.
+//! Replication of Granary's metadata with openraft 0.9 (storage-v2):
 //!
-//! It knows nothing about datasets or chunks: the metadata model that runs
-//! *inside* the state machine lives in `granary-server`'s meta role.
+//! | module | owns |
+//! |---|---|
+//! | [`store`] | one RocksDB per node: the Raft log and vote ([`store::LogStore`]), the state machine ([`store::StateMachineStore`]) and snapshot files |
+//! | [`network`] | the `RaftPeer` gRPC service between meta nodes and its client (openraft's `RaftNetwork`) |
+//! | [`node`] | [`RaftNode`]: opening, bootstrapping and joining a cluster, writes forwarded to the leader, linearizable read barriers, membership changes, status |
 //!
-//! Status: the storage and network arrive with the metadata-cluster issue.
+//! The crate knows nothing about datasets or chunks. An application plugs in
+//! through the [`App`] trait: it names its column families and applies one
+//! committed command at a time into a RocksDB `WriteBatch`. Commands and
+//! responses travel as opaque bytes ([`Command`], [`Response`]).
+
+// openraft dictates `StorageError` (224+ bytes) as the error of its storage traits.
+#![allow(clippy::result_large_err)]
+
+pub mod network;
+pub mod node;
+pub mod store;
+
+pub use node::{NodeConfig, NodeStatus, RaftNode, RaftNodeError};
+pub use store::App;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// An application command, encoded by the application.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command(pub Vec<u8>);
+
+/// The application's reply to a command, encoded by the application.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response(pub Vec<u8>);
+
+impl fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Command({} bytes)", self.0.len())
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+impl fmt::Debug for Response {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Response({} bytes)", self.0.len())
+    }
+}
+
+/// Node ids are plain integers, unique within a cluster.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// Granary's openraft type configuration: opaque commands, nodes addressed
+    /// by `host:port`, snapshots streamed through files (never whole in memory).
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        SnapshotData = tokio::fs::File,
+);
+
+/// The openraft handle for this configuration.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Generated gRPC code for the peer protocol.
+pub mod proto {
+    tonic::include_proto!("granary.raft");
+}

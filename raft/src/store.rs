@@ -1,0 +1,89 @@
+//! Raft storage on RocksDB: one database per node with separate column
+//! families for the log, the vote and the state machine.
+//!
+//! | column family | keys | values |
+//! |---|---|---|
+//! | `raft_log` | log index, u64 big-endian (so iteration order is log order) | bincode `Entry` |
+//! | `raft_state` | `vote`, `committed`, `last_purged` | bincode |
+//! | `sm_state` | `last_applied`, `membership`, `installing` | bincode |
+//! | the application's own | whatever the [`App`] writes | |
+//!
+//! Durability: a vote and appended entries are written with `sync` before
+//! openraft is told they are durable. Each applied entry is one `WriteBatch`
+//! holding the application's writes plus `last_applied` (and the membership
+//! when it changes); the batches of one `apply` call are written in order and
+//! the last with `sync`, which makes every earlier one durable too (the WAL is
+//! ordered). Snapshot installation is crash-safe: see [`snapshot`].
+//!
+//! RocksDB calls that write or scan run on tokio's blocking pool, never on the
+//! async workers.
+
+mod log;
+mod snapshot;
+mod state_machine;
+
+pub use self::log::LogStore;
+pub use self::state_machine::{SnapshotBuilder, StateMachineStore};
+
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::{AnyError, StorageError, StorageIOError};
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
+
+use crate::NodeId;
+
+pub(crate) const CF_LOG: &str = "raft_log";
+pub(crate) const CF_RAFT: &str = "raft_state";
+pub(crate) const CF_SM: &str = "sm_state";
+
+/// The application whose state the Raft log replicates.
+pub trait App: Send + Sync + 'static {
+    /// Column families the application keeps its state in. They are created
+    /// on open and are exactly what snapshots and digests cover.
+    fn column_families(&self) -> &'static [&'static str];
+
+    /// Applies the committed command at log `index`: reads through `db` see
+    /// every earlier entry's effects; writes go into `batch`, which is
+    /// committed together with the new applied index. Must be deterministic:
+    /// every replica applies the same commands in the same order.
+    fn apply(&self, db: &DB, batch: &mut WriteBatch, index: u64, command: &[u8]) -> Vec<u8>;
+}
+
+/// Opens (or creates) the node's database with the Raft column families and `app_cfs`.
+pub fn open_db(path: &Path, app_cfs: &[&str]) -> Result<Arc<DB>, rocksdb::Error> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_max_background_jobs(2);
+    let cfs = [CF_LOG, CF_RAFT, CF_SM]
+        .iter()
+        .chain(app_cfs.iter())
+        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    Ok(Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?))
+}
+
+/// Opens the log store and state machine of a node whose data lives in `dir`.
+pub async fn open<A: App>(
+    dir: &Path,
+    app: A,
+) -> Result<(LogStore, StateMachineStore<A>), StorageError<NodeId>> {
+    std::fs::create_dir_all(dir).map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+    let db = open_db(&dir.join("db"), app.column_families())
+        .map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+    let log = LogStore::new(db.clone());
+    let sm = StateMachineStore::open(db, dir.join("snapshots"), app).await?;
+    Ok((log, sm))
+}
+
+/// Runs a blocking closure on tokio's blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking storage task panicked")
+}
+
+pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name)
+        .unwrap_or_else(|| panic!("column family {name} is created on open"))
+}

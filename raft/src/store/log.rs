@@ -1,0 +1,198 @@
+//! The Raft log and vote (openraft `RaftLogStorage`).
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{AnyError, Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
+use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
+
+use super::{blocking, cf, CF_LOG, CF_RAFT};
+use crate::{NodeId, TypeConfig};
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+/// The log store; cheap to clone (shares the database).
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+fn key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn index_of(key: &[u8]) -> u64 {
+    u64::from_be_bytes(key.try_into().expect("log keys are 8 bytes"))
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read_logs(AnyError::new(&e)).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_logs(AnyError::new(&e)).into()
+}
+
+fn synced() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+impl LogStore {
+    pub(crate) fn new(db: Arc<DB>) -> Self {
+        Self { db }
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
+        match self.db.get_cf(cf(&self.db, CF_RAFT), k).map_err(read_err)? {
+            Some(v) => Ok(Some(bincode::deserialize(&v).map_err(read_err)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_meta<T: serde::Serialize>(
+        &self,
+        k: &'static [u8],
+        v: &T,
+        sync: bool,
+    ) -> Result<(), StorageError<NodeId>> {
+        let bytes = bincode::serialize(v).map_err(write_err)?;
+        let db = self.db.clone();
+        blocking(move || {
+            let opts = if sync { synced() } else { WriteOptions::default() };
+            db.put_cf_opt(cf(&db, CF_RAFT), k, bytes, &opts)
+        })
+        .await
+        .map_err(write_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => x + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut entries = Vec::new();
+        let it = self.db.iterator_cf(
+            cf(&self.db, CF_LOG),
+            IteratorMode::From(&key(start), Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item.map_err(read_err)?;
+            if !range.contains(&index_of(&k)) {
+                break;
+            }
+            entries.push(bincode::deserialize(&v).map_err(read_err)?);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let last_purged: Option<LogId<NodeId>> = self.get_meta(KEY_LAST_PURGED)?;
+        let last = match self
+            .db
+            .iterator_cf(cf(&self.db, CF_LOG), IteratorMode::End)
+            .next()
+        {
+            Some(item) => {
+                let (_, v) = item.map_err(read_err)?;
+                let entry: Entry<TypeConfig> = bincode::deserialize(&v).map_err(read_err)?;
+                Some(entry.log_id)
+            }
+            None => None,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last.or(last_purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.put_meta(KEY_VOTE, vote, true)
+            .await
+            .map_err(|_| StorageIOError::write_vote(AnyError::error("cannot persist the vote")).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
+        self.put_meta(KEY_COMMITTED, &committed, false).await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(self.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            let v = bincode::serialize(&entry).map_err(write_err)?;
+            batch.put_cf(cf(&self.db, CF_LOG), key(entry.log_id.index), v);
+        }
+        let db = self.db.clone();
+        let result = blocking(move || db.write_opt(batch, &synced())).await;
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write_err(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let db = self.db.clone();
+        blocking(move || {
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(cf(&db, CF_LOG), key(log_id.index), key(u64::MAX));
+            batch.delete_cf(cf(&db, CF_LOG), key(u64::MAX));
+            db.write_opt(batch, &synced())
+        })
+        .await
+        .map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let v = bincode::serialize(&log_id).map_err(write_err)?;
+        let db = self.db.clone();
+        blocking(move || {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(cf(&db, CF_RAFT), KEY_LAST_PURGED, v);
+            batch.delete_range_cf(cf(&db, CF_LOG), key(0), key(log_id.index + 1));
+            db.write_opt(batch, &synced())
+        })
+        .await
+        .map_err(write_err)
+    }
+}
