@@ -26,7 +26,7 @@ pub enum Command {
     /// Download a dataset version into a directory.
     Download(DownloadArgs),
     /// List datasets.
-    Datasets(OutputArgs),
+    Datasets(DatasetsArgs),
     /// Show the versions of a dataset.
     Log(DatasetArg),
     /// List files of a dataset version: DATASET[@N][:PATH].
@@ -58,6 +58,14 @@ pub struct OutputArgs {
     /// Print machine-readable JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DatasetsArgs {
+    #[command(flatten)]
+    pub server: ServerAddrArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// Where to find the cluster.

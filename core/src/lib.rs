@@ -13,6 +13,7 @@
 //! | [`pack`] | append-only files of frames with an index footer; crash recovery and verification |
 //! | [`tree`] | canonical, content-addressed directory listings and spilled chunk lists |
 //! | [`ingest`] | the parallel walk → chunk → hash pipeline that turns a directory into trees |
+//! | [`name`] | dataset names and `NAME@N[:PATH]` references |
 //!
 //! Data flows through them in that order on upload: a file is cut by the
 //! [`chunker`], each chunk is named by its [`ChunkId`], encoded as a
@@ -23,11 +24,13 @@ pub mod chunker;
 pub mod frame;
 pub mod id;
 pub mod ingest;
+pub mod name;
 pub mod pack;
 pub mod tree;
 
 pub use chunker::{Chunker, ChunkerConfig};
 pub use frame::{Codec, FrameError, FrameHeader};
 pub use id::{ChunkId, IdParseError, TreeId};
+pub use name::{validate_dataset_name, NameError, VersionRef};
 pub use pack::{IndexEntry, PackError, PackReader, PackWriter};
 pub use tree::{ChunkRef, EntryKind, Tree, TreeEntry, TreeError};

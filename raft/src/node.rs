@@ -220,9 +220,11 @@ impl<A: App> RaftNode<A> {
                             tracing::warn!(seed, "join failed, retrying: {msg}");
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
-                        Err(msg) => return Err(RaftNodeError::Membership(format!(
+                        Err(msg) => {
+                            return Err(RaftNodeError::Membership(format!(
                             "could not join through {seed}: {msg}; check that the address is a running node"
-                        ))),
+                        )))
+                        }
                     }
                 }
             }

@@ -1,12 +1,16 @@
 //! # granary-server
 //!
-//! The two roles of `granary server`:
-//! - **meta**: the metadata model (datasets, versions, trees, chunk index,
-//!   packs, nodes, policies) applied deterministically inside the Raft state
-//!   machine of `granary-raft`, served to clients as the gRPC `MetaService`;
-//! - **chunk**: pack files on local SSD, replication between chunk servers,
-//!   the object tier, tiering, scrub, repair and GC workers.
+//! The roles of `granary server`:
 //!
-//! The embedded default runs both roles in one process on one node.
+//! | module | owns |
+//! |---|---|
+//! | [`meta`] | the metadata model (datasets, versions, trees, chunk index, packs, nodes) applied inside the Raft state machine of `granary-raft`, and the `Meta` gRPC service clients call |
+//! | [`run`] | starting a node: data directory, listener, Raft bootstrap or join, serving, clean shutdown |
 //!
-//! Status: the roles arrive with the metadata-cluster and data-path issues.
+//! The chunk role (packs on local SSD, replication, tiering, scrub, repair,
+//! GC) arrives with the data-path and tiering work.
+
+pub mod meta;
+pub mod run;
+
+pub use run::{run, Roles, ServerConfig, ServerError};

@@ -1,7 +1,10 @@
 //! Command implementations, one module per family.
 
+mod admin;
 mod bench;
+mod datasets;
 mod inspect;
+mod server;
 
 use anyhow::bail;
 
@@ -17,19 +20,26 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             inspect::pack(&file, verify, output.json)
         }
         Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(&args),
-        Command::Server(_) => not_yet("server"),
+        Command::Server(args) => server::run(args),
         Command::Upload(_) => not_yet("upload"),
         Command::Download(_) => not_yet("download"),
-        Command::Datasets(_) => not_yet("datasets"),
-        Command::Log(_) => not_yet("log"),
+        Command::Datasets(output) => datasets::list(&output.server, &output.output),
+        Command::Log(args) => datasets::log(&args),
         Command::Ls(_) => not_yet("ls"),
         Command::Diff(_) => not_yet("diff"),
-        Command::Rm(_) => not_yet("rm"),
+        Command::Rm(args) => datasets::rm(&args),
         Command::Mount(_) => not_yet("mount"),
         Command::Umount(_) => not_yet("umount"),
         Command::Prefetch(_) => not_yet("prefetch"),
-        Command::Admin(_) => not_yet("admin"),
+        Command::Admin(cmd) => admin::run(cmd),
     }
+}
+
+/// A current-thread runtime for client commands.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn not_yet(command: &str) -> anyhow::Result<()> {

@@ -1,0 +1,123 @@
+//! The metadata commands that travel through Raft, their replies and errors.
+//!
+//! A command is one Raft entry and is applied all-or-nothing. Everything
+//! that must be identical on every replica (timestamps, new numbers) is
+//! decided by the proposing node and carried in the command or derived from
+//! the state, never read from a replica's clock.
+
+use serde::{Deserialize, Serialize};
+
+use super::state::{ChunkRecord, DatasetRecord, NodeRecord, PackRecord, Stats, VersionRecord};
+
+/// One metadata mutation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    CreateDataset {
+        name: String,
+        now_ms: u64,
+    },
+    /// Deletes a dataset and all its versions.
+    DeleteDataset {
+        name: String,
+    },
+    /// Stores tree objects (trees and chunk lists), children before parents.
+    PutTrees {
+        objects: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    CommitVersion {
+        dataset: String,
+        root: Vec<u8>,
+        parent: Option<u64>,
+        force: bool,
+        message: String,
+        stats: Stats,
+        now_ms: u64,
+    },
+    DeleteVersion {
+        dataset: String,
+        number: u64,
+    },
+    AllocatePack,
+    /// Records a sealed pack and the location of every chunk in it.
+    RegisterPack {
+        id: u64,
+        pack: PackRecord,
+        chunks: Vec<([u8; 32], ChunkRecord)>,
+    },
+    /// Registers a node or refreshes its heartbeat.
+    UpsertNode {
+        id: u64,
+        node: NodeRecord,
+    },
+}
+
+impl MetaCommand {
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).expect("commands serialize")
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, String> {
+        bincode::deserialize(b).map_err(|e| format!("malformed metadata command: {e}"))
+    }
+}
+
+/// What a command returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaReply {
+    Unit,
+    Dataset {
+        name: String,
+        record: DatasetRecord,
+    },
+    Version {
+        dataset: String,
+        number: u64,
+        record: VersionRecord,
+    },
+    Stored(u32),
+    PackId(u64),
+}
+
+/// Why a command was refused. The message is the user-facing line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MetaError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<MetaError> for tonic::Status {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            MetaError::NotFound(m) => tonic::Status::not_found(m),
+            MetaError::AlreadyExists(m) => tonic::Status::already_exists(m),
+            MetaError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            MetaError::Internal(m) => tonic::Status::internal(m),
+        }
+    }
+}
+
+/// The result of applying a command, as stored in the Raft response.
+pub type MetaResult = Result<MetaReply, MetaError>;
+
+/// "dataset 'x' not found" with the fix.
+pub fn dataset_not_found(name: &str) -> MetaError {
+    MetaError::NotFound(format!(
+        "dataset '{name}' not found; `granary datasets` lists them"
+    ))
+}
+
+/// "version x@n not found" with the fix.
+pub fn version_not_found(dataset: &str, number: u64) -> MetaError {
+    MetaError::NotFound(format!(
+        "version {dataset}@{number} not found; `granary log {dataset}` lists its versions"
+    ))
+}

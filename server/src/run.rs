@@ -1,0 +1,247 @@
+//! Starting and stopping a node.
+//!
+//! 1. Claim the data directory: an exclusive lock (one server per
+//!    directory) and `node.json`, which binds the directory to its node id.
+//! 2. Open the Raft node (RocksDB under `DIR/meta`) and bind the listener.
+//! 3. Serve the peer protocol and the `Meta` API on that one address.
+//! 4. Bootstrap a one-node cluster, join one through `--join`, or resume.
+//! 5. Register the node in the metadata and refresh it every 30 s.
+//! 6. On shutdown (SIGTERM/SIGINT): stop serving, stop Raft.
+
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use granary_raft::network::PeerService;
+use granary_raft::{NodeConfig, RaftNode, RaftNodeError};
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt;
+
+use crate::meta::command::MetaCommand;
+use crate::meta::state::NodeRecord;
+use crate::meta::{MetaApp, MetaService};
+
+/// Which roles a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub meta: bool,
+    pub chunk: bool,
+}
+
+impl FromStr for Roles {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut roles = Roles {
+            meta: false,
+            chunk: false,
+        };
+        for part in s.split(',').map(str::trim) {
+            match part {
+                "meta" => roles.meta = true,
+                "chunk" => roles.chunk = true,
+                other => return Err(format!("unknown role '{other}': use meta, chunk or meta,chunk")),
+            }
+        }
+        Ok(roles)
+    }
+}
+
+impl Roles {
+    fn names(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.meta {
+            v.push("meta".to_string());
+        }
+        if self.chunk {
+            v.push("chunk".to_string());
+        }
+        v
+    }
+}
+
+/// How to run a node.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub node_id: u64,
+    /// `host:port` to listen on; also the address peers and clients use.
+    pub listen: String,
+    pub data_dir: PathBuf,
+    /// Any node of an existing cluster, used on first start only.
+    pub join: Option<String>,
+    pub roles: Roles,
+}
+
+/// Why a node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("data directory {path} is in use by another granary server; stop it or pass another --data-dir")]
+    Locked { path: PathBuf },
+    #[error("data directory {path} belongs to node {found}, not node {requested}; pass --node-id {found} or use another --data-dir")]
+    WrongNode {
+        path: PathBuf,
+        found: u64,
+        requested: u64,
+    },
+    #[error("cannot listen on {addr}: {source}; is another granary server using it? pick another --listen")]
+    Listen {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Raft(#[from] RaftNodeError),
+    #[error("the gRPC server failed: {0}")]
+    Serve(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct NodeFile {
+    format: u32,
+    node_id: u64,
+}
+
+/// Locks the data directory and checks (or records) which node owns it.
+fn claim_data_dir(dir: &Path, node_id: u64) -> Result<std::fs::File, ServerError> {
+    let io_err = |source| ServerError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io_err)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .map_err(io_err)?;
+    if lock.try_lock().is_err() {
+        return Err(ServerError::Locked {
+            path: dir.to_path_buf(),
+        });
+    }
+    let node_file = dir.join("node.json");
+    match std::fs::read(&node_file) {
+        Ok(bytes) => {
+            let found: NodeFile = serde_json::from_slice(&bytes).map_err(|e| {
+                io_err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("node.json: {e}"),
+                ))
+            })?;
+            if found.node_id != node_id {
+                return Err(ServerError::WrongNode {
+                    path: dir.to_path_buf(),
+                    found: found.node_id,
+                    requested: node_id,
+                });
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let tmp = dir.join("node.json.tmp");
+            std::fs::write(
+                &tmp,
+                serde_json::to_vec(&NodeFile { format: 1, node_id }).expect("json"),
+            )
+            .map_err(io_err)?;
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err)?;
+            std::fs::rename(&tmp, &node_file).map_err(io_err)?;
+        }
+        Err(e) => return Err(io_err(e)),
+    }
+    Ok(lock)
+}
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+    if !cfg.roles.meta {
+        return Err(ServerError::Unsupported(
+            "chunk-only nodes are not available yet; run with --role meta,chunk".into(),
+        ));
+    }
+    let _lock = claim_data_dir(&cfg.data_dir, cfg.node_id)?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+    let node = RaftNode::open(
+        NodeConfig::new(cfg.node_id, &cfg.listen, cfg.data_dir.join("meta")),
+        MetaApp,
+    )
+    .await?;
+
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .initial_stream_window_size(granary_client::STREAM_WINDOW)
+        .initial_connection_window_size(granary_client::CONNECTION_WINDOW)
+        .add_service(PeerService::server(node.clone()))
+        .add_service(MetaService::new(node.clone()).server());
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    }));
+
+    if let Err(e) = node.bootstrap_or_join(cfg.join.as_deref()).await {
+        let _ = stop_tx.send(());
+        node.shutdown().await;
+        return Err(e.into());
+    }
+    tracing::info!(node = cfg.node_id, addr = %cfg.listen, roles = ?cfg.roles.names(), "granary server ready");
+    let heartbeat = tokio::spawn(heartbeat_loop(node.clone(), cfg.clone()));
+    shutdown.await;
+    tracing::info!("shutting down");
+    heartbeat.abort();
+    let _ = stop_tx.send(());
+    node.shutdown().await;
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ServerError::Serve(e.to_string())),
+        Err(e) => Err(ServerError::Serve(e.to_string())),
+    }
+}
+
+/// Registers this node in the metadata, then refreshes it every 30 s.
+async fn heartbeat_loop(node: RaftNode<MetaApp>, cfg: ServerConfig) {
+    loop {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let cmd = MetaCommand::UpsertNode {
+            id: cfg.node_id,
+            node: NodeRecord {
+                addr: cfg.listen.clone(),
+                roles: cfg.roles.names(),
+                capacity: 0,
+                used: 0,
+                last_heartbeat_ms: now_ms,
+            },
+        };
+        let wait = match node.write(cmd.encode()).await {
+            Ok(_) => Duration::from_secs(30),
+            Err(e) => {
+                tracing::debug!("node registration deferred: {e}");
+                Duration::from_secs(2)
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
