@@ -98,6 +98,9 @@ pub struct ServerArgs {
     /// Roles this node runs: meta, chunk, or meta,chunk.
     #[arg(long, default_value = "meta,chunk")]
     pub role: String,
+    /// Replicas kept of every pack (default: min(3, live chunk servers)).
+    #[arg(long, default_value_t = 0)]
+    pub replicas: usize,
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +112,15 @@ pub struct UploadArgs {
     /// A message describing this version.
     #[arg(short, long)]
     pub message: Option<String>,
+    /// Commit even if another version of the dataset was committed meanwhile.
+    #[arg(long)]
+    pub force: bool,
+    /// Seal packs at this size (e.g. 64MiB; smaller packs suit small datasets and tests).
+    #[arg(long, default_value = "64MiB")]
+    pub pack_size: String,
+    /// Chunking threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
     #[command(flatten)]
     pub server: ServerAddrArgs,
     #[command(flatten)]

@@ -6,20 +6,38 @@
 //! | module | owns |
 //! |---|---|
 //! | [`proto`] | the `Meta` gRPC API (generated): client stubs, and the server trait the meta role implements |
+//! | [`client`] | [`Client`]: the entry point: connect, upload, open a version, download, diff |
 //! | [`meta`] | [`MetaClient`]: datasets, versions, trees, chunk index, packs, nodes, cluster status; fails over between server addresses |
+//! | [`chunks`] | chunk servers: locating chunks, fetching and verifying frames, streaming packs |
+//! | [`upload`] | directory -> chunks -> packs -> trees -> version |
+//! | [`version`] | [`VersionReader`]: stat, read_dir, read_at over one immutable version |
+//! | [`download`] | a version back into a directory, byte- and metadata-identical |
+//! | [`diff`] | what changed between two versions |
 //! | [`error`] | [`ClientError`]: one readable line per failure |
-//!
-//! Upload, download and the read API over a version arrive with the data path.
 
+pub mod chunks;
+pub mod client;
+pub mod diff;
+pub mod download;
 pub mod error;
 pub mod meta;
+pub mod upload;
+pub mod version;
 
+pub use client::Client;
 pub use error::ClientError;
 pub use meta::MetaClient;
+pub use upload::{UploadOptions, UploadProgress, UploadReport};
+pub use version::VersionReader;
 
 /// Generated code for the `Meta` API (`client/proto/meta.proto`).
 pub mod proto {
     tonic::include_proto!("granary.meta");
+}
+
+/// Generated code for the chunk servers' API (`client/proto/chunk.proto`).
+pub mod chunk_proto {
+    tonic::include_proto!("granary.chunk");
 }
 
 /// HTTP/2 windows: client-streaming uploads need far more than the 64 KiB

@@ -27,7 +27,7 @@ pub struct MetaClient {
     current: Arc<AtomicUsize>,
 }
 
-fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
+pub(crate) fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
     let e = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| {
         ClientError::Invalid(format!(
             "invalid server address '{addr}': {e}; expected HOST:PORT"
@@ -249,11 +249,10 @@ impl MetaClient {
         .await
     }
 
-    pub async fn allocate_pack(&self) -> Result<u64, ClientError> {
-        Ok(self
-            .call(|mut c| async move { c.allocate_pack(Empty {}).await })
-            .await?
-            .id)
+    /// A new pack id and the chunk servers for its replicas, in chain order.
+    pub async fn allocate_pack(&self) -> Result<PackAllocation, ClientError> {
+        self.call(|mut c| async move { c.allocate_pack(Empty {}).await })
+            .await
     }
 
     pub async fn register_pack(&self, req: RegisterPackRequest) -> Result<PackInfo, ClientError> {

@@ -3,9 +3,12 @@
 //! 1. Claim the data directory: an exclusive lock (one server per
 //!    directory) and `node.json`, which binds the directory to its node id.
 //! 2. Open the Raft node (RocksDB under `DIR/meta`) and bind the listener.
-//! 3. Serve the peer protocol and the `Meta` API on that one address.
+//! 3. Serve the peer protocol, the `Meta` API and (chunk role) the `Chunk`
+//!    API on that one address; packs live under `DATA_DIR/packs`.
 //! 4. Bootstrap a one-node cluster, join one through `--join`, or resume.
-//! 5. Register the node in the metadata and refresh it every 30 s.
+//! 5. Register the node in the metadata (roles, disk capacity and usage) and
+//!    refresh it every 30 s; meta gives new packs only to chunk servers
+//!    heard from in the last 90 s.
 //! 6. On shutdown (SIGTERM/SIGINT): stop serving, stop Raft.
 
 use std::future::Future;
@@ -19,6 +22,9 @@ use granary_raft::{NodeConfig, RaftNode, RaftNodeError};
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt;
 
+use granary_client::MetaClient;
+
+use crate::chunk::{ChunkService, PackStore};
 use crate::meta::command::MetaCommand;
 use crate::meta::state::NodeRecord;
 use crate::meta::{MetaApp, MetaService};
@@ -72,6 +78,8 @@ pub struct ServerConfig {
     /// Any node of an existing cluster, used on first start only.
     pub join: Option<String>,
     pub roles: Roles,
+    /// Replicas per pack; 0 means min(3, live chunk servers).
+    pub replicas: usize,
 }
 
 /// Why a node could not start or stopped.
@@ -190,11 +198,30 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
         s
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let store = if cfg.roles.chunk {
+        Some(
+            PackStore::open(&cfg.data_dir.join("packs")).map_err(|source| ServerError::DataDir {
+                path: cfg.data_dir.join("packs"),
+                source,
+            })?,
+        )
+    } else {
+        None
+    };
+    let chunk_service = match &store {
+        Some(store) => {
+            let meta = MetaClient::connect(std::slice::from_ref(&cfg.listen))
+                .map_err(|e| ServerError::Unsupported(e.to_string()))?;
+            Some(ChunkService::new(cfg.node_id, store.clone(), meta).server())
+        }
+        None => None,
+    };
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(granary_client::STREAM_WINDOW)
         .initial_connection_window_size(granary_client::CONNECTION_WINDOW)
         .add_service(PeerService::server(node.clone()))
-        .add_service(MetaService::new(node.clone()).server());
+        .add_service(MetaService::new(node.clone(), cfg.replicas).server())
+        .add_optional_service(chunk_service);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     }));
@@ -205,7 +232,10 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
         return Err(e.into());
     }
     tracing::info!(node = cfg.node_id, addr = %cfg.listen, roles = ?cfg.roles.names(), "granary server ready");
-    let heartbeat = tokio::spawn(heartbeat_loop(node.clone(), cfg.clone()));
+    // Register before announcing readiness, so a client that starts right away
+    // finds this chunk server; without a quorum the loop keeps retrying.
+    let registered = register_node(&node, &cfg, store.as_ref()).await.is_ok();
+    let heartbeat = tokio::spawn(heartbeat_loop(node.clone(), cfg.clone(), store, registered));
     shutdown.await;
     tracing::info!("shutting down");
     heartbeat.abort();
@@ -218,30 +248,40 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
     }
 }
 
-/// Registers this node in the metadata, then refreshes it every 30 s.
-async fn heartbeat_loop(node: RaftNode<MetaApp>, cfg: ServerConfig) {
+/// Records this node (roles, disk capacity and usage) in the metadata.
+async fn register_node(
+    node: &RaftNode<MetaApp>,
+    cfg: &ServerConfig,
+    store: Option<&PackStore>,
+) -> Result<(), RaftNodeError> {
+    let (capacity, used) = store.map(PackStore::usage).unwrap_or((0, 0));
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let cmd = MetaCommand::UpsertNode {
+        id: cfg.node_id,
+        node: NodeRecord {
+            addr: cfg.listen.clone(),
+            roles: cfg.roles.names(),
+            capacity,
+            used,
+            last_heartbeat_ms: now_ms,
+        },
+    };
+    node.write(cmd.encode()).await.map(|_| ())
+}
+
+/// Refreshes this node's record every 30 s (every 2 s while that fails).
+async fn heartbeat_loop(node: RaftNode<MetaApp>, cfg: ServerConfig, store: Option<PackStore>, mut ok: bool) {
     loop {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let cmd = MetaCommand::UpsertNode {
-            id: cfg.node_id,
-            node: NodeRecord {
-                addr: cfg.listen.clone(),
-                roles: cfg.roles.names(),
-                capacity: 0,
-                used: 0,
-                last_heartbeat_ms: now_ms,
-            },
-        };
-        let wait = match node.write(cmd.encode()).await {
-            Ok(_) => Duration::from_secs(30),
+        tokio::time::sleep(Duration::from_secs(if ok { 30 } else { 2 })).await;
+        ok = match register_node(&node, &cfg, store.as_ref()).await {
+            Ok(()) => true,
             Err(e) => {
                 tracing::debug!("node registration deferred: {e}");
-                Duration::from_secs(2)
+                false
             }
         };
-        tokio::time::sleep(wait).await;
     }
 }

@@ -68,7 +68,7 @@ pub fn log(args: &DatasetArg) -> anyhow::Result<()> {
         let v: Vec<_> = versions
             .iter()
             .map(|v| {
-                let s = v.stats.clone().unwrap_or_default();
+                let s = v.stats.unwrap_or_default();
                 json!({
                     "version": format!("{}@{}", v.dataset, v.number), "number": v.number, "parent": v.parent,
                     "root": TreeId::from_slice(&v.root).map(|t| t.to_hex()), "message": v.message,
@@ -79,7 +79,7 @@ pub fn log(args: &DatasetArg) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Array(v));
     } else {
         for v in versions.iter().rev() {
-            let s = v.stats.clone().unwrap_or_default();
+            let s = v.stats.unwrap_or_default();
             println!(
                 "{}@{}  {}  {} files, {} bytes  {}",
                 v.dataset,

@@ -2,6 +2,7 @@
 
 mod admin;
 mod bench;
+mod data;
 mod datasets;
 mod inspect;
 mod server;
@@ -21,12 +22,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(&args),
         Command::Server(args) => server::run(args),
-        Command::Upload(_) => not_yet("upload"),
-        Command::Download(_) => not_yet("download"),
+        Command::Upload(args) => data::upload(&args),
+        Command::Download(args) => data::download(&args),
         Command::Datasets(output) => datasets::list(&output.server, &output.output),
         Command::Log(args) => datasets::log(&args),
-        Command::Ls(_) => not_yet("ls"),
-        Command::Diff(_) => not_yet("diff"),
+        Command::Ls(args) => data::ls(&args),
+        Command::Diff(args) => data::diff(&args),
         Command::Rm(args) => datasets::rm(&args),
         Command::Mount(_) => not_yet("mount"),
         Command::Umount(_) => not_yet("umount"),

@@ -13,6 +13,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         join: args.join,
         roles,
+        replicas: args.replicas,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

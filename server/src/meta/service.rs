@@ -22,7 +22,12 @@ use super::state::*;
 #[derive(Clone)]
 pub struct MetaService {
     node: RaftNode<MetaApp>,
+    /// Replicas per pack; 0 means min(3, live chunk servers).
+    replicas: usize,
 }
+
+/// A chunk server that has not sent a heartbeat for this long is not given new packs.
+const CHUNK_SERVER_TIMEOUT_MS: u64 = 90_000;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -106,8 +111,49 @@ fn node_view(id: u64, n: &NodeRecord) -> NodeInfo {
 }
 
 impl MetaService {
-    pub fn new(node: RaftNode<MetaApp>) -> Self {
-        Self { node }
+    pub fn new(node: RaftNode<MetaApp>, replicas: usize) -> Self {
+        Self { node, replicas }
+    }
+
+    /// Picks the chunk servers for pack `id`: live chunk servers, rotated by
+    /// the pack id so packs spread evenly.
+    fn pick_replicas(&self, id: u64) -> Result<Vec<NodeInfo>, Status> {
+        let now = now_ms();
+        let mut live: Vec<NodeInfo> = self
+            .reader()
+            .all::<NodeRecord>(CF_NODES)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|(_, n)| n.roles.iter().any(|r| r == "chunk"))
+            .filter(|(_, n)| now.saturating_sub(n.last_heartbeat_ms) < CHUNK_SERVER_TIMEOUT_MS)
+            .map(|(k, n)| {
+                node_view(
+                    u64::from_be_bytes(k.as_slice().try_into().unwrap_or_default()),
+                    &n,
+                )
+            })
+            .collect();
+        if live.is_empty() {
+            return Err(Status::failed_precondition(
+                "no chunk server is available; start a node with --role meta,chunk or --role chunk",
+            ));
+        }
+        let want = if self.replicas == 0 {
+            live.len().min(3)
+        } else {
+            self.replicas
+        };
+        if want > live.len() {
+            return Err(Status::failed_precondition(format!(
+                "{want} replicas are required but only {} chunk servers are available; start more or lower --replicas",
+                live.len()
+            )));
+        }
+        live.sort_by_key(|n| n.id);
+        let start = (id as usize) % live.len();
+        live.rotate_left(start);
+        live.truncate(want);
+        Ok(live)
     }
 
     /// The tonic service with Granary's message size limits.
@@ -328,11 +374,13 @@ impl Meta for MetaService {
         Ok(Response::new(reply))
     }
 
-    async fn allocate_pack(&self, _req: Request<Empty>) -> Result<Response<PackId>, Status> {
-        match self.propose(MetaCommand::AllocatePack).await? {
-            MetaReply::PackId(id) => Ok(Response::new(PackId { id })),
-            other => Err(internal(format!("unexpected reply {other:?}"))),
-        }
+    async fn allocate_pack(&self, _req: Request<Empty>) -> Result<Response<PackAllocation>, Status> {
+        let id = match self.propose(MetaCommand::AllocatePack).await? {
+            MetaReply::PackId(id) => id,
+            other => return Err(internal(format!("unexpected reply {other:?}"))),
+        };
+        let replicas = self.pick_replicas(id)?;
+        Ok(Response::new(PackAllocation { id, replicas }))
     }
 
     async fn register_pack(&self, req: Request<RegisterPackRequest>) -> Result<Response<PackInfo>, Status> {

@@ -1,0 +1,372 @@
+//! Talking to chunk servers: locating chunks, fetching and verifying
+//! frames, and streaming new packs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use granary_core::frame::decode_frame_into;
+use granary_core::ChunkId;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::chunk_proto::chunk_client::ChunkClient;
+use crate::chunk_proto::{FrameRange, GetFramesRequest, PackSession, WritePackReply, WritePackRequest};
+use crate::error::ClientError;
+use crate::meta::MetaClient;
+use crate::proto::{ChunkLocation, NodeInfo};
+
+/// Largest frame data asked of a chunk server in one call.
+pub const MAX_FETCH: usize = 16 << 20;
+/// Frames are sent to chunk servers in messages of about this size.
+const SEND_MESSAGE: usize = 1 << 20;
+
+/// Where a chunk is: its pack and frame position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub pack: u64,
+    pub offset: u64,
+    pub stored_len: u32,
+    pub raw_len: u32,
+}
+
+impl Location {
+    /// Length of the whole frame (header + stored bytes).
+    pub fn frame_len(&self) -> u32 {
+        granary_core::frame::FRAME_HEADER_LEN as u32 + self.stored_len
+    }
+}
+
+/// Connections to chunk servers and caches of where packs live; cheap to clone.
+#[derive(Clone)]
+pub struct ChunkServers {
+    meta: MetaClient,
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    channels: Mutex<HashMap<String, Channel>>,
+    nodes: RwLock<HashMap<u64, String>>,
+    packs: RwLock<HashMap<u64, Vec<u64>>>,
+}
+
+fn server_err(addr: &str, s: tonic::Status) -> ClientError {
+    ClientError::Server {
+        code: s.code(),
+        message: format!("chunk server {addr}: {}", s.message()),
+    }
+}
+
+impl ChunkServers {
+    pub fn new(meta: MetaClient) -> Self {
+        Self {
+            meta,
+            inner: Arc::default(),
+        }
+    }
+
+    fn client(&self, addr: &str) -> Result<ChunkClient<Channel>, ClientError> {
+        let mut channels = self.inner.channels.lock().expect("channel map lock");
+        let channel = match channels.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = crate::meta::endpoint(addr)?.connect_lazy();
+                channels.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(ChunkClient::new(channel)
+            .max_decoding_message_size(crate::MAX_MESSAGE)
+            .max_encoding_message_size(crate::MAX_MESSAGE))
+    }
+
+    /// Where each chunk is stored. Fails naming the first chunk the cluster does not have.
+    pub async fn locate(&self, ids: &[ChunkId]) -> Result<HashMap<ChunkId, Location>, ClientError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for batch in ids.chunks(4096) {
+            let reply = self.meta.lookup_chunks(batch).await?;
+            if let Some(missing) = reply.missing.first() {
+                let id = ChunkId::from_slice(missing)
+                    .map(|c| c.to_string())
+                    .unwrap_or_default();
+                return Err(ClientError::Server {
+                    code: tonic::Code::DataLoss,
+                    message: format!("chunk {id} is not stored in the cluster; the version is damaged"),
+                });
+            }
+            for ChunkLocation {
+                id,
+                pack,
+                offset,
+                stored_len,
+                raw_len,
+            } in reply.found
+            {
+                let id = ChunkId::from_slice(&id)
+                    .ok_or_else(|| ClientError::Invalid("malformed chunk id".into()))?;
+                out.insert(
+                    id,
+                    Location {
+                        pack,
+                        offset,
+                        stored_len,
+                        raw_len,
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Addresses of the chunk servers holding `pack`.
+    async fn replicas(&self, pack: u64) -> Result<Vec<String>, ClientError> {
+        let cached = self
+            .inner
+            .packs
+            .read()
+            .expect("pack cache lock")
+            .get(&pack)
+            .cloned();
+        let ids = match cached {
+            Some(ids) => ids,
+            None => {
+                let info = self.meta.get_pack(pack).await?;
+                self.inner
+                    .packs
+                    .write()
+                    .expect("pack cache lock")
+                    .insert(pack, info.replicas.clone());
+                info.replicas
+            }
+        };
+        if ids
+            .iter()
+            .any(|id| !self.inner.nodes.read().expect("node cache lock").contains_key(id))
+        {
+            let nodes = self.meta.list_nodes().await?;
+            let mut map = self.inner.nodes.write().expect("node cache lock");
+            for n in nodes {
+                map.insert(n.id, n.addr);
+            }
+        }
+        let nodes = self.inner.nodes.read().expect("node cache lock");
+        Ok(ids.iter().filter_map(|id| nodes.get(id).cloned()).collect())
+    }
+
+    /// Fetches, verifies and decodes chunks of one pack; `chunks` must fit in [`MAX_FETCH`].
+    /// Tries each replica in turn; returns the raw chunks in order.
+    pub async fn fetch_from_pack(
+        &self,
+        pack: u64,
+        chunks: &[(ChunkId, Location)],
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        let replicas = self.replicas(pack).await?;
+        if replicas.is_empty() {
+            return Err(ClientError::Server {
+                code: tonic::Code::Unavailable,
+                message: format!("pack {pack} has no known replica; run `granary admin status`"),
+            });
+        }
+        let ranges: Vec<FrameRange> = chunks
+            .iter()
+            .map(|(_, l)| FrameRange {
+                offset: l.offset,
+                len: l.frame_len(),
+            })
+            .collect();
+        let mut last = None;
+        for addr in &replicas {
+            match self.fetch_once(addr, pack, &ranges, chunks).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tracing::warn!(pack, addr, "read from replica failed, trying the next: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one replica was tried"))
+    }
+
+    async fn fetch_once(
+        &self,
+        addr: &str,
+        pack: u64,
+        ranges: &[FrameRange],
+        chunks: &[(ChunkId, Location)],
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        let mut client = self.client(addr)?;
+        let req = GetFramesRequest {
+            pack_id: pack,
+            ranges: ranges.to_vec(),
+        };
+        let mut stream = client
+            .get_frames(req)
+            .await
+            .map_err(|s| server_err(addr, s))?
+            .into_inner();
+        let total: usize = ranges.iter().map(|r| r.len as usize).sum();
+        let mut data = Vec::with_capacity(total);
+        while let Some(piece) = stream.message().await.map_err(|s| server_err(addr, s))? {
+            data.extend_from_slice(&piece.data);
+        }
+        if data.len() != total {
+            return Err(ClientError::Server {
+                code: tonic::Code::DataLoss,
+                message: format!(
+                    "chunk server {addr} returned {} of {total} bytes of pack {pack}",
+                    data.len()
+                ),
+            });
+        }
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut pos = 0;
+        for (id, loc) in chunks {
+            let len = loc.frame_len() as usize;
+            let mut raw = Vec::with_capacity(loc.raw_len as usize);
+            decode_frame_into(&data[pos..pos + len], Some(id), &mut raw).map_err(|e| {
+                ClientError::Server {
+                    code: tonic::Code::DataLoss,
+                    message: format!("chunk server {addr} returned a damaged frame of pack {pack}: {e}"),
+                }
+            })?;
+            pos += len;
+            out.push(raw);
+        }
+        Ok(out)
+    }
+
+    /// Fetches any chunks: locates them, groups them by pack and fetches each
+    /// pack's frames in as few calls as possible. Returns raw chunks in order.
+    pub async fn fetch(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, ClientError> {
+        let locations = self.locate(ids).await?;
+        let mut by_pack: HashMap<u64, Vec<usize>> = HashMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            by_pack.entry(locations[id].pack).or_default().push(i);
+        }
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); ids.len()];
+        for (pack, idxs) in by_pack {
+            let mut group: Vec<(ChunkId, Location)> = Vec::new();
+            let mut group_idx = Vec::new();
+            let mut size = 0usize;
+            for i in idxs {
+                let loc = locations[&ids[i]];
+                if size + loc.frame_len() as usize > MAX_FETCH && !group.is_empty() {
+                    for (k, raw) in group_idx.drain(..).zip(self.fetch_from_pack(pack, &group).await?) {
+                        out[k] = raw;
+                    }
+                    group.clear();
+                    size = 0;
+                }
+                size += loc.frame_len() as usize;
+                group.push((ids[i], loc));
+                group_idx.push(i);
+            }
+            if !group.is_empty() {
+                for (k, raw) in group_idx.drain(..).zip(self.fetch_from_pack(pack, &group).await?) {
+                    out[k] = raw;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens a pack session: the frames go to `replicas[0]`, which forwards
+    /// them to the others; once all have it on disk the pack is registered.
+    pub fn start_pack(&self, id: u64, replicas: &[NodeInfo]) -> Result<PackStream, ClientError> {
+        let first = replicas
+            .first()
+            .ok_or_else(|| ClientError::Invalid("a pack needs at least one replica".into()))?;
+        let mut client = self.client(&first.addr)?;
+        let (tx, rx) = mpsc::channel::<WritePackRequest>(4);
+        let session = PackSession {
+            pack_id: id,
+            chain: replicas[1..].iter().map(|n| n.addr.clone()).collect(),
+            replica_ids: replicas.iter().map(|n| n.id).collect(),
+            register: true,
+        };
+        tx.try_send(WritePackRequest {
+            session: Some(session),
+            frames: Vec::new(),
+            seal: false,
+        })
+        .expect("fresh channel has room");
+        let addr = first.addr.clone();
+        let call = tokio::spawn(async move {
+            client
+                .write_pack(ReceiverStream::new(rx))
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| server_err(&addr, s))
+        });
+        Ok(PackStream {
+            id,
+            tx,
+            call,
+            buf: Vec::with_capacity(SEND_MESSAGE + (256 << 10)),
+            bytes: 0,
+        })
+    }
+}
+
+/// A pack being streamed to its first replica.
+pub struct PackStream {
+    pub id: u64,
+    tx: mpsc::Sender<WritePackRequest>,
+    call: JoinHandle<Result<WritePackReply, ClientError>>,
+    buf: Vec<u8>,
+    /// Frame bytes added so far.
+    pub bytes: u64,
+}
+
+impl PackStream {
+    /// Adds one encoded frame.
+    pub async fn push(mut self, frame: &[u8]) -> Result<Self, ClientError> {
+        self.buf.extend_from_slice(frame);
+        self.bytes += frame.len() as u64;
+        if self.buf.len() >= SEND_MESSAGE {
+            let frames = std::mem::replace(&mut self.buf, Vec::with_capacity(SEND_MESSAGE + (256 << 10)));
+            let msg = WritePackRequest {
+                session: None,
+                frames,
+                seal: false,
+            };
+            if self.tx.send(msg).await.is_err() {
+                return Err(self.failure().await);
+            }
+        }
+        Ok(self)
+    }
+
+    /// The session's error, once the server has closed it.
+    async fn failure(self) -> ClientError {
+        match self.call.await {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => ClientError::Invalid("pack session ended early".into()),
+            Err(e) => ClientError::Invalid(format!("pack session task failed: {e}")),
+        }
+    }
+
+    /// Sends the rest, seals the pack and waits until every replica has it
+    /// on disk and it is registered.
+    pub async fn finish(mut self) -> Result<WritePackReply, ClientError> {
+        let frames = std::mem::take(&mut self.buf);
+        if self
+            .tx
+            .send(WritePackRequest {
+                session: None,
+                frames,
+                seal: true,
+            })
+            .await
+            .is_err()
+        {
+            return Err(self.failure().await);
+        }
+        drop(self.tx);
+        self.call
+            .await
+            .map_err(|e| ClientError::Invalid(format!("pack session task failed: {e}")))?
+    }
+}

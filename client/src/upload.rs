@@ -1,0 +1,347 @@
+//! Uploading a directory as a new dataset version.
+//!
+//! ```text
+//!  rayon pool (all cores)                     async uploader
+//!  walk -> FastCDC -> BLAKE3 -> lz4 frame --> [bounded channel] --> batch `has` (<= 256 ids)
+//!                                                                 -> missing frames -> pack stream
+//!                                                                    (1 MiB messages, 2 packs in flight)
+//!  trees (children first) --------------------------------------> PutTrees -> CommitVersion
+//! ```
+//!
+//! Only chunks the cluster lacks travel. Memory is bounded by the channel
+//! (256 frames), one read block per file being chunked and the messages in
+//! flight, never by file or dataset size. A version is committed only after
+//! every pack is on every replica's disk and registered, and every tree is
+//! stored (meta refuses trees that reference anything missing), so an upload
+//! killed at any point leaves no version behind, and rerunning it sends only
+//! what was not yet registered.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use granary_core::frame::encode_frame_hinted;
+use granary_core::ingest::{
+    ingest_dir, ChunkSink, IngestOptions, IngestStats, NewChunk, Progress, SinkError, Skipped,
+};
+use granary_core::{validate_dataset_name, ChunkId, ChunkerConfig, TreeId};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::chunk_proto::WritePackReply;
+use crate::chunks::{ChunkServers, PackStream};
+use crate::error::ClientError;
+use crate::meta::MetaClient;
+use crate::proto::{CommitRequest, Version, VersionStats};
+
+/// How to upload.
+#[derive(Debug, Clone)]
+pub struct UploadOptions {
+    /// Describes the version.
+    pub message: String,
+    /// Commit even if another version was committed since the upload started.
+    pub force: bool,
+    /// Chunking threads; 0 means one per core.
+    pub threads: usize,
+    /// Seal a pack once it holds this many bytes.
+    pub pack_size: u64,
+    /// Packs being sent at the same time.
+    pub parallel_packs: usize,
+    pub chunker: ChunkerConfig,
+}
+
+impl Default for UploadOptions {
+    fn default() -> Self {
+        Self {
+            message: String::new(),
+            force: false,
+            threads: 0,
+            pack_size: granary_core::pack::DEFAULT_PACK_TARGET,
+            parallel_packs: 2,
+            chunker: ChunkerConfig::default(),
+        }
+    }
+}
+
+/// Progress callbacks (from several threads). All default to nothing.
+pub trait UploadProgress: Send + Sync {
+    /// File bytes chunked and hashed.
+    fn scanned(&self, _bytes: u64) {}
+    /// A file finished chunking.
+    fn file_done(&self) {}
+    /// Frame bytes sent to chunk servers (new data only).
+    fn sent(&self, _bytes: u64) {}
+    /// Chunk bytes found already stored in the cluster.
+    fn deduplicated(&self, _bytes: u64) {}
+}
+
+/// No progress reporting.
+pub struct NoProgress;
+impl UploadProgress for NoProgress {}
+
+/// What an upload did.
+#[derive(Debug, Clone)]
+pub struct UploadReport {
+    pub version: Version,
+    pub stats: IngestStats,
+    /// Chunks that were not yet stored and were sent.
+    pub new_chunks: u64,
+    /// Raw bytes of those chunks.
+    pub new_bytes: u64,
+    /// Bytes sent to chunk servers (frames, after compression).
+    pub sent_bytes: u64,
+    pub packs: u64,
+    pub skipped: Vec<Skipped>,
+}
+
+impl UploadReport {
+    /// Logical bytes per byte of new data (infinite when nothing was new).
+    pub fn dedup_ratio(&self) -> f64 {
+        if self.new_bytes == 0 {
+            f64::INFINITY
+        } else {
+            self.stats.bytes as f64 / self.new_bytes as f64
+        }
+    }
+}
+
+struct Framed {
+    id: ChunkId,
+    raw_len: u32,
+    frame: Vec<u8>,
+}
+
+struct Sink {
+    tx: mpsc::Sender<Framed>,
+}
+
+impl ChunkSink for Sink {
+    fn chunk(&self, c: &NewChunk<'_>) -> Result<(), SinkError> {
+        let mut frame = Vec::with_capacity(c.data.len() + granary_core::frame::FRAME_HEADER_LEN);
+        encode_frame_hinted(&c.id, c.data, c.hint, &mut frame);
+        self.tx
+            .blocking_send(Framed {
+                id: c.id,
+                raw_len: c.data.len() as u32,
+                frame,
+            })
+            .map_err(|_| "the upload stopped".into())
+    }
+}
+
+struct ProgressAdapter(Arc<dyn UploadProgress>);
+
+impl Progress for ProgressAdapter {
+    fn bytes(&self, n: u64) {
+        self.0.scanned(n)
+    }
+
+    fn file_done(&self, _path: &Path) {
+        self.0.file_done()
+    }
+}
+
+/// Uploads `dir` as the next version of `dataset`.
+pub async fn upload_dir(
+    meta: &MetaClient,
+    chunks: &ChunkServers,
+    dir: &Path,
+    dataset: &str,
+    opts: &UploadOptions,
+    progress: Arc<dyn UploadProgress>,
+) -> Result<UploadReport, ClientError> {
+    validate_dataset_name(dataset).map_err(|e| ClientError::Invalid(e.to_string()))?;
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(ClientError::Invalid(format!(
+                "'{}' is not a directory; upload takes a directory",
+                dir.display()
+            )))
+        }
+        Err(e) => {
+            return Err(ClientError::Invalid(format!(
+                "cannot read '{}': {e}",
+                dir.display()
+            )))
+        }
+    }
+    let parent = match meta.get_version(dataset, None).await {
+        Ok(v) => Some(v.number),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(e),
+    };
+
+    let (tx, rx) = mpsc::channel::<Framed>(256);
+    let ingest_opts = IngestOptions {
+        chunker: opts.chunker,
+        threads: opts.threads,
+        ..IngestOptions::default()
+    };
+    let root: PathBuf = dir.to_path_buf();
+    let adapter = ProgressAdapter(progress.clone());
+    let ingest = tokio::task::spawn_blocking(move || ingest_dir(&root, &ingest_opts, &Sink { tx }, &adapter));
+
+    let mut sender = Sender {
+        meta,
+        chunks,
+        opts,
+        progress: progress.as_ref(),
+        current: None,
+        inflight: VecDeque::new(),
+        new_chunks: 0,
+        new_bytes: 0,
+        sent_bytes: 0,
+        packs: 0,
+    };
+    let sent = sender.run(rx).await;
+    let ingested = ingest
+        .await
+        .map_err(|e| ClientError::Invalid(format!("chunking failed: {e}")))?;
+    // A failure to send explains a sink error in the ingest, so it wins.
+    sent?;
+    let output = ingested.map_err(|e| ClientError::Invalid(e.to_string()))?;
+
+    // Trees, children before parents, in requests of at most ~4 MiB.
+    let mut batch: Vec<(TreeId, Vec<u8>)> = Vec::new();
+    let mut batch_bytes = 0;
+    for (id, data) in output.objects {
+        batch_bytes += data.len();
+        batch.push((id, data));
+        if batch_bytes >= 4 << 20 {
+            meta.put_trees(std::mem::take(&mut batch)).await?;
+            batch_bytes = 0;
+        }
+    }
+    if !batch.is_empty() {
+        meta.put_trees(batch).await?;
+    }
+    let s = &output.stats;
+    let version = meta
+        .commit_version(CommitRequest {
+            dataset: dataset.to_string(),
+            root: output.root.as_bytes().to_vec(),
+            parent,
+            force: opts.force,
+            message: opts.message.clone(),
+            stats: Some(VersionStats {
+                files: s.files,
+                dirs: s.dirs,
+                symlinks: s.symlinks,
+                bytes: s.bytes,
+                chunks: s.chunks,
+                new_bytes: sender.new_bytes,
+            }),
+        })
+        .await?;
+    Ok(UploadReport {
+        version,
+        stats: output.stats,
+        new_chunks: sender.new_chunks,
+        new_bytes: sender.new_bytes,
+        sent_bytes: sender.sent_bytes,
+        packs: sender.packs,
+        skipped: output.skipped,
+    })
+}
+
+/// Moves new frames into packs.
+struct Sender<'a> {
+    meta: &'a MetaClient,
+    chunks: &'a ChunkServers,
+    opts: &'a UploadOptions,
+    progress: &'a dyn UploadProgress,
+    current: Option<PackStream>,
+    inflight: VecDeque<JoinHandle<Result<WritePackReply, ClientError>>>,
+    new_chunks: u64,
+    new_bytes: u64,
+    sent_bytes: u64,
+    packs: u64,
+}
+
+const HAS_BATCH: usize = 256;
+
+impl Sender<'_> {
+    async fn run(&mut self, mut rx: mpsc::Receiver<Framed>) -> Result<(), ClientError> {
+        let result = self.drain(&mut rx).await;
+        // Stop the chunkers promptly if sending failed.
+        drop(rx);
+        match result {
+            Ok(()) => {
+                if let Some(stream) = self.current.take() {
+                    self.inflight.push_back(tokio::spawn(stream.finish()));
+                }
+                while let Some(call) = self.inflight.pop_front() {
+                    Self::settle(call).await?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn drain(&mut self, rx: &mut mpsc::Receiver<Framed>) -> Result<(), ClientError> {
+        let mut pending: Vec<Framed> = Vec::with_capacity(HAS_BATCH);
+        let mut open = true;
+        while open {
+            // Gather up to HAS_BATCH frames, waiting at most 20 ms once one is here.
+            match rx.recv().await {
+                Some(f) => pending.push(f),
+                None => open = false,
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(20);
+            while open && pending.len() < HAS_BATCH {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(f)) => pending.push(f),
+                    Ok(None) => open = false,
+                    Err(_) => break,
+                }
+            }
+            if !pending.is_empty() {
+                self.send_batch(std::mem::take(&mut pending)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_batch(&mut self, batch: Vec<Framed>) -> Result<(), ClientError> {
+        let ids: Vec<ChunkId> = batch.iter().map(|f| f.id).collect();
+        let present = self.meta.has_chunks(&ids).await?;
+        for (f, stored) in batch.into_iter().zip(present) {
+            if stored {
+                self.progress.deduplicated(f.raw_len as u64);
+                continue;
+            }
+            let stream = match self.current.take() {
+                Some(s) => s,
+                None => {
+                    let alloc = self.meta.allocate_pack().await?;
+                    self.packs += 1;
+                    self.chunks.start_pack(alloc.id, &alloc.replicas)?
+                }
+            };
+            let stream = stream.push(&f.frame).await?;
+            self.new_chunks += 1;
+            self.new_bytes += f.raw_len as u64;
+            self.sent_bytes += f.frame.len() as u64;
+            self.progress.sent(f.frame.len() as u64);
+            if stream.bytes >= self.opts.pack_size {
+                self.inflight.push_back(tokio::spawn(stream.finish()));
+                while self.inflight.len() > self.opts.parallel_packs.max(1) {
+                    Self::settle(self.inflight.pop_front().expect("non-empty")).await?;
+                }
+            } else {
+                self.current = Some(stream);
+            }
+        }
+        Ok(())
+    }
+
+    async fn settle(
+        call: JoinHandle<Result<WritePackReply, ClientError>>,
+    ) -> Result<WritePackReply, ClientError> {
+        call.await
+            .map_err(|e| ClientError::Invalid(format!("pack upload task failed: {e}")))?
+    }
+}

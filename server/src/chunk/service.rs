@@ -1,0 +1,301 @@
+//! The `Chunk` gRPC service: pack sessions and frame reads.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use granary_client::chunk_proto::chunk_client::ChunkClient;
+use granary_client::chunk_proto::chunk_server::{Chunk, ChunkServer};
+use granary_client::chunk_proto::*;
+use granary_client::proto::{ChunkLocation, PackInfo, RegisterPackRequest};
+use granary_client::MetaClient;
+use granary_core::frame::FrameHeader;
+use granary_core::pack::PackWriter;
+use granary_core::PackError;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::store::PackStore;
+
+/// Largest piece of frame data in one streamed reply message.
+const READ_PIECE: usize = 4 << 20;
+/// Largest total of ranges one `GetFrames` call may ask for.
+const MAX_READ: usize = 64 << 20;
+
+/// The chunk service of one node; cheap to clone.
+#[derive(Clone)]
+pub struct ChunkService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node_id: u64,
+    store: PackStore,
+    meta: MetaClient,
+    peers: Mutex<HashMap<String, Channel>>,
+}
+
+fn pack_status(node: u64, id: u64, e: PackError) -> Status {
+    match &e {
+        PackError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+            Status::resource_exhausted(format!(
+                "chunk server {node} is out of disk space writing pack {id}; free space or add chunk servers"
+            ))
+        }
+        PackError::BadFrame { .. } => Status::data_loss(format!("pack {id} received a damaged frame: {e}")),
+        _ => Status::internal(format!("chunk server {node} could not write pack {id}: {e}")),
+    }
+}
+
+impl ChunkService {
+    pub fn new(node_id: u64, store: PackStore, meta: MetaClient) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                node_id,
+                store,
+                meta,
+                peers: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The tonic service with Granary's message size limits.
+    pub fn server(self) -> ChunkServer<Self> {
+        ChunkServer::new(self)
+            .max_decoding_message_size(granary_client::MAX_MESSAGE)
+            .max_encoding_message_size(granary_client::MAX_MESSAGE)
+    }
+
+    fn peer(&self, addr: &str) -> Result<ChunkClient<Channel>, Status> {
+        let mut peers = self.inner.peers.lock().expect("peer map lock");
+        let channel = match peers.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = granary_raft::network::endpoint(addr)
+                    .map_err(|e| Status::invalid_argument(format!("bad replica address '{addr}': {e}")))?
+                    .connect_lazy();
+                peers.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(ChunkClient::new(channel)
+            .max_decoding_message_size(granary_client::MAX_MESSAGE)
+            .max_encoding_message_size(granary_client::MAX_MESSAGE))
+    }
+
+    /// Runs one pack session; on error the caller aborts the local file.
+    async fn session(
+        &self,
+        session: &PackSession,
+        first: WritePackRequest,
+        mut rest: Streaming<WritePackRequest>,
+    ) -> Result<WritePackReply, Status> {
+        let node = self.inner.node_id;
+        let id = session.pack_id;
+        let mut writer = self
+            .inner
+            .store
+            .create(id)
+            .map_err(|e| pack_status(node, id, e))?;
+
+        // Forward the stream down the chain while writing locally.
+        let (down_tx, downstream) = match session.chain.split_first() {
+            Some((next, later)) => {
+                let (tx, rx) = mpsc::channel::<WritePackRequest>(8);
+                let mut client = self.peer(next)?;
+                let next = next.clone();
+                let first = WritePackRequest {
+                    session: Some(PackSession {
+                        pack_id: id,
+                        chain: later.to_vec(),
+                        replica_ids: session.replica_ids.clone(),
+                        register: false,
+                    }),
+                    frames: Vec::new(),
+                    seal: false,
+                };
+                tx.send(first)
+                    .await
+                    .map_err(|_| Status::internal("downstream channel closed"))?;
+                let call = tokio::spawn(async move {
+                    client
+                        .write_pack(ReceiverStream::new(rx))
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|s| Status::unavailable(format!("replica {next} failed: {}", s.message())))
+                });
+                (Some(tx), Some(call))
+            }
+            None => (None, None),
+        };
+
+        let mut msg = first;
+        loop {
+            let seal = msg.seal;
+            if !msg.frames.is_empty() || seal {
+                if let Some(tx) = &down_tx {
+                    tx.send(WritePackRequest {
+                        session: None,
+                        frames: msg.frames.clone(),
+                        seal,
+                    })
+                    .await
+                    .map_err(|_| Status::unavailable("a downstream replica closed the session"))?;
+                }
+                let buf = std::mem::take(&mut msg.frames);
+                writer = tokio::task::block_in_place(|| append_frames(writer, &buf))
+                    .map_err(|e| pack_status(node, id, e))?;
+            }
+            if seal {
+                break;
+            }
+            msg = rest.message().await?.ok_or_else(|| {
+                Status::aborted(format!(
+                    "the session for pack {id} ended before the pack was complete"
+                ))
+            })?;
+        }
+        drop(down_tx);
+        let store = self.inner.store.clone();
+        let sealed =
+            tokio::task::block_in_place(|| store.finish(writer)).map_err(|e| pack_status(node, id, e))?;
+        if let Some(call) = downstream {
+            call.await.map_err(|e| Status::internal(e.to_string()))??;
+        }
+        let reply = WritePackReply {
+            pack_id: id,
+            bytes: sealed.len,
+            chunks: sealed.entries.len() as u64,
+        };
+        if session.register {
+            let chunks = sealed
+                .entries
+                .iter()
+                .map(|e| ChunkLocation {
+                    id: e.id.as_bytes().to_vec(),
+                    pack: id,
+                    offset: e.offset,
+                    stored_len: e.stored_len,
+                    raw_len: e.raw_len,
+                })
+                .collect();
+            let pack = PackInfo {
+                id,
+                tier: "ssd".into(),
+                replicas: session.replica_ids.clone(),
+                bytes: sealed.len,
+                chunks: sealed.entries.len() as u64,
+                object_key: String::new(),
+            };
+            self.inner
+                .meta
+                .register_pack(RegisterPackRequest {
+                    pack: Some(pack),
+                    chunks,
+                })
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!("pack {id} is stored but could not be registered: {e}"))
+                })?;
+        }
+        Ok(reply)
+    }
+}
+
+/// Appends every whole frame in `buf`, verifying each.
+fn append_frames(mut writer: PackWriter, buf: &[u8]) -> Result<PackWriter, PackError> {
+    let mut pos = 0;
+    while pos < buf.len() {
+        let len = match FrameHeader::parse(&buf[pos..]) {
+            Ok(h) => h.frame_len(),
+            Err(source) => {
+                return Err(PackError::BadFrame {
+                    path: writer.path().to_path_buf(),
+                    offset: writer.len(),
+                    source,
+                })
+            }
+        };
+        let end = (pos + len).min(buf.len());
+        writer.append_frame(&buf[pos..end])?;
+        pos = end;
+    }
+    Ok(writer)
+}
+
+#[tonic::async_trait]
+impl Chunk for ChunkService {
+    async fn write_pack(
+        &self,
+        req: Request<Streaming<WritePackRequest>>,
+    ) -> Result<Response<WritePackReply>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty pack session"))?;
+        let session = first.session.ok_or_else(|| {
+            Status::invalid_argument("the first message of a pack session must carry the session")
+        })?;
+        let id = session.pack_id;
+        let first = WritePackRequest {
+            session: None,
+            frames: first.frames,
+            seal: first.seal,
+        };
+        match self.session(&session, first, stream).await {
+            Ok(reply) => Ok(Response::new(reply)),
+            Err(status) => {
+                self.inner.store.abort(id);
+                tracing::warn!(pack = id, "pack session failed: {}", status.message());
+                Err(status)
+            }
+        }
+    }
+
+    type GetFramesStream = ReceiverStream<Result<FrameData, Status>>;
+
+    async fn get_frames(
+        &self,
+        req: Request<GetFramesRequest>,
+    ) -> Result<Response<Self::GetFramesStream>, Status> {
+        let GetFramesRequest { pack_id, ranges } = req.into_inner();
+        let ranges: Vec<(u64, u32)> = ranges.iter().map(|r| (r.offset, r.len)).collect();
+        if ranges.iter().map(|(_, l)| *l as usize).sum::<usize>() > MAX_READ {
+            return Err(Status::invalid_argument(
+                "GetFrames asks for more than 64 MiB; split the request",
+            ));
+        }
+        let store = self.inner.store.clone();
+        let node = self.inner.node_id;
+        let data = tokio::task::spawn_blocking(move || store.read_ranges(pack_id, &ranges))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    Status::not_found(format!("pack {pack_id} is not on chunk server {node}"))
+                }
+                std::io::ErrorKind::InvalidInput => Status::out_of_range(e.to_string()),
+                _ => Status::internal(format!("chunk server {node} cannot read pack {pack_id}: {e}")),
+            })?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            for piece in data.chunks(READ_PIECE) {
+                if tx.send(Ok(FrameData { data: piece.to_vec() })).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn pack_stat(&self, req: Request<PackStatRequest>) -> Result<Response<PackStatReply>, Status> {
+        let id = req.into_inner().pack_id;
+        let size = self.inner.store.size(id);
+        Ok(Response::new(PackStatReply {
+            present: size.is_some(),
+            bytes: size.unwrap_or(0),
+        }))
+    }
+}

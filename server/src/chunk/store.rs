@@ -1,0 +1,128 @@
+//! Pack files on local disk.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use granary_core::pack::{PackWriter, SealedPack};
+use granary_core::PackError;
+
+/// The packs of one chunk server.
+#[derive(Debug, Clone)]
+pub struct PackStore {
+    dir: PathBuf,
+}
+
+impl PackStore {
+    /// Opens `dir`, removing `.open` files left by sessions that a crash
+    /// interrupted (they were never registered, so nothing refers to them).
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        for shard in std::fs::read_dir(dir)? {
+            let shard = shard?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&shard)? {
+                let p = f?.path();
+                if p.extension().is_some_and(|e| e == "open") {
+                    tracing::info!(path = %p.display(), "removing a pack from an interrupted session");
+                    std::fs::remove_file(&p)?;
+                }
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn shard(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{:02x}", id % 256))
+    }
+
+    /// Where sealed pack `id` lives.
+    pub fn sealed_path(&self, id: u64) -> PathBuf {
+        self.shard(id).join(format!("{id}.pack"))
+    }
+
+    fn open_path(&self, id: u64) -> PathBuf {
+        self.shard(id).join(format!("{id}.open"))
+    }
+
+    /// Starts writing pack `id`.
+    pub fn create(&self, id: u64) -> Result<PackWriter, PackError> {
+        let shard = self.shard(id);
+        std::fs::create_dir_all(&shard).map_err(|source| PackError::Io { path: shard, source })?;
+        let path = self.open_path(id);
+        // A previous attempt of the same session may have left a file.
+        let _ = std::fs::remove_file(&path);
+        PackWriter::create(&path, id)
+    }
+
+    /// Seals a pack (fsync), moves it to its final name and fsyncs the directory.
+    pub fn finish(&self, writer: PackWriter) -> Result<SealedPack, PackError> {
+        let id = writer.pack_id();
+        let mut sealed = writer.seal()?;
+        let dest = self.sealed_path(id);
+        std::fs::rename(&sealed.path, &dest).map_err(|source| PackError::Io {
+            path: dest.clone(),
+            source,
+        })?;
+        File::open(self.shard(id))
+            .and_then(|d| d.sync_all())
+            .map_err(|source| PackError::Io {
+                path: self.shard(id),
+                source,
+            })?;
+        sealed.path = dest;
+        Ok(sealed)
+    }
+
+    /// Drops an unfinished pack.
+    pub fn abort(&self, id: u64) {
+        let _ = std::fs::remove_file(self.open_path(id));
+    }
+
+    /// Size of sealed pack `id`, if this server has it.
+    pub fn size(&self, id: u64) -> Option<u64> {
+        std::fs::metadata(self.sealed_path(id)).ok().map(|m| m.len())
+    }
+
+    /// Reads byte ranges of sealed pack `id` into one buffer, in order.
+    pub fn read_ranges(&self, id: u64, ranges: &[(u64, u32)]) -> io::Result<Vec<u8>> {
+        let path = self.sealed_path(id);
+        let file = File::open(&path)?;
+        let len = file.metadata()?.len();
+        let total: usize = ranges.iter().map(|(_, l)| *l as usize).sum();
+        let mut out = vec![0u8; total];
+        let mut pos = 0;
+        for &(offset, n) in ranges {
+            if offset.checked_add(n as u64).is_none_or(|end| end > len) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("range {offset}+{n} is outside pack {id} ({len} bytes)"),
+                ));
+            }
+            file.read_exact_at(&mut out[pos..pos + n as usize], offset)?;
+            pos += n as usize;
+        }
+        Ok(out)
+    }
+
+    /// (capacity, used) bytes of the filesystem holding the packs.
+    pub fn usage(&self) -> (u64, u64) {
+        let Ok(c) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) else {
+            return (0, 0);
+        };
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a NUL-terminated path and `st` a valid out-pointer.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return (0, 0);
+        }
+        let frsize = st.f_frsize as u64;
+        let capacity = st.f_blocks as u64 * frsize;
+        let free = st.f_bavail as u64 * frsize;
+        (capacity, capacity.saturating_sub(free))
+    }
+}
