@@ -121,6 +121,9 @@ pub struct UploadArgs {
     /// Chunking threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Read every file, ignoring the local cache of files unchanged since the last upload.
+    #[arg(long)]
+    pub rehash: bool,
     #[command(flatten)]
     pub server: ServerAddrArgs,
     #[command(flatten)]

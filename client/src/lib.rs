@@ -10,6 +10,7 @@
 //! | [`meta`] | [`MetaClient`]: datasets, versions, trees, chunk index, packs, nodes, cluster status; fails over between server addresses |
 //! | [`chunks`] | chunk servers: locating chunks, fetching and verifying frames, streaming packs |
 //! | [`upload`] | directory -> chunks -> packs -> trees -> version |
+//! | [`file_cache`] | chunk lists of files already uploaded, so unchanged files are not read again |
 //! | [`version`] | [`VersionReader`]: stat, read_dir, read_at over one immutable version |
 //! | [`download`] | a version back into a directory, byte- and metadata-identical |
 //! | [`diff`] | what changed between two versions |
@@ -20,6 +21,7 @@ pub mod client;
 pub mod diff;
 pub mod download;
 pub mod error;
+pub mod file_cache;
 pub mod meta;
 pub mod upload;
 pub mod version;

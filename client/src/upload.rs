@@ -8,7 +8,8 @@
 //!  trees (children first) --------------------------------------> PutTrees -> CommitVersion
 //! ```
 //!
-//! Only chunks the cluster lacks travel. Memory is bounded by the channel
+//! Files the local file cache vouches for (same size, mtime, ctime, inode)
+//! are not read at all. Only chunks the cluster lacks travel. Memory is bounded by the channel
 //! (256 frames), one read block per file being chunked and the messages in
 //! flight, never by file or dataset size. A version is committed only after
 //! every pack is on every replica's disk and registered, and every tree is
@@ -32,6 +33,7 @@ use tokio::task::JoinHandle;
 use crate::chunk_proto::WritePackReply;
 use crate::chunks::{ChunkServers, PackStream};
 use crate::error::ClientError;
+use crate::file_cache::LocalFileCache;
 use crate::meta::MetaClient;
 use crate::proto::{CommitRequest, Version, VersionStats};
 
@@ -49,6 +51,8 @@ pub struct UploadOptions {
     /// Packs being sent at the same time.
     pub parallel_packs: usize,
     pub chunker: ChunkerConfig,
+    /// Skip reading files the local file cache vouches for (see [`crate::file_cache`]).
+    pub use_file_cache: bool,
 }
 
 impl Default for UploadOptions {
@@ -60,6 +64,7 @@ impl Default for UploadOptions {
             pack_size: granary_core::pack::DEFAULT_PACK_TARGET,
             parallel_packs: 2,
             chunker: ChunkerConfig::default(),
+            use_file_cache: true,
         }
     }
 }
@@ -173,10 +178,14 @@ pub async fn upload_dir(
         Err(e) => return Err(e),
     };
 
+    let started = std::time::SystemTime::now();
+    let cache = opts.use_file_cache.then(|| Arc::new(LocalFileCache::open(dir)));
     let (tx, rx) = mpsc::channel::<Framed>(256);
     let ingest_opts = IngestOptions {
         chunker: opts.chunker,
         threads: opts.threads,
+        file_cache: cache.clone().map(|c| c as Arc<dyn granary_core::ingest::FileCache>),
+        record_files: cache.is_some(),
         ..IngestOptions::default()
     };
     let root: PathBuf = dir.to_path_buf();
@@ -202,6 +211,23 @@ pub async fn upload_dir(
     // A failure to send explains a sink error in the ingest, so it wins.
     sent?;
     let output = ingested.map_err(|e| ClientError::Invalid(e.to_string()))?;
+
+    // Chunks taken from the file cache must still be stored (GC may have
+    // reclaimed them since); meta would refuse the trees otherwise.
+    let cached: Vec<ChunkId> = output
+        .files
+        .iter()
+        .filter(|f| f.cached)
+        .flat_map(|f| f.chunks.iter().map(|c| c.id))
+        .collect();
+    for batch in cached.chunks(4096) {
+        let present = meta.has_chunks(batch).await?;
+        if let Some((id, _)) = batch.iter().zip(present).find(|(_, p)| !p) {
+            return Err(ClientError::Invalid(format!(
+                "the local file cache lists chunk {id}, which the cluster no longer stores; rerun with --rehash"
+            )));
+        }
+    }
 
     // Trees, children before parents, in requests of at most ~4 MiB.
     let mut batch: Vec<(TreeId, Vec<u8>)> = Vec::new();
@@ -235,6 +261,14 @@ pub async fn upload_dir(
             }),
         })
         .await?;
+    if let Some(cache) = cache {
+        // Only this upload holds the Arc now; a failed save only costs a re-read next time.
+        if let Ok(cache) = Arc::try_unwrap(cache) {
+            if let Err(e) = cache.save(&output.files, started) {
+                tracing::warn!("could not save the local file cache: {e}");
+            }
+        }
+    }
     Ok(UploadReport {
         version,
         stats: output.stats,

@@ -23,7 +23,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
@@ -74,6 +74,20 @@ pub trait Progress: Sync {
 pub struct NoProgress;
 impl Progress for NoProgress {}
 
+/// Chunk lists of files seen before, so unchanged files need not be read.
+///
+/// `lookup` must answer only when it is sure the file is unchanged (same
+/// size, mtime, ctime, inode and device as when its chunks were recorded).
+pub trait FileCache: Send + Sync {
+    fn lookup(&self, path: &Path, meta: &Metadata) -> Option<Vec<ChunkRef>>;
+}
+
+impl std::fmt::Debug for dyn FileCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FileCache")
+    }
+}
+
 /// Tuning for [`ingest_dir`].
 #[derive(Debug, Clone)]
 pub struct IngestOptions {
@@ -82,6 +96,10 @@ pub struct IngestOptions {
     pub threads: usize,
     /// Bytes of a large file read and cut at a time (at least twice the maximum chunk size).
     pub block_size: usize,
+    /// Files the cache vouches for are not read; their cached chunks are used.
+    pub file_cache: Option<Arc<dyn FileCache>>,
+    /// Return a [`FileRecord`] for every file (to refresh a file cache).
+    pub record_files: bool,
 }
 
 impl Default for IngestOptions {
@@ -90,8 +108,20 @@ impl Default for IngestOptions {
             chunker: ChunkerConfig::default(),
             threads: 0,
             block_size: 4 << 20,
+            file_cache: None,
+            record_files: false,
         }
     }
+}
+
+/// A file as ingested: what identifies this version of it, and its chunks.
+#[derive(Debug, Clone)]
+pub struct FileRecord {
+    pub path: PathBuf,
+    pub meta: Metadata,
+    pub chunks: Vec<ChunkRef>,
+    /// The chunks came from the file cache; the file was not read.
+    pub cached: bool,
 }
 
 /// Counts describing one ingest.
@@ -108,6 +138,8 @@ pub struct IngestStats {
     pub unique_chunks: u64,
     /// Bytes in distinct chunks.
     pub unique_bytes: u64,
+    /// Files whose chunks came from the file cache without reading them.
+    pub cached_files: u64,
 }
 
 /// Something not stored, and why.
@@ -127,6 +159,8 @@ pub struct IngestOutput {
     pub stats: IngestStats,
     /// Entries that were skipped (special files).
     pub skipped: Vec<Skipped>,
+    /// Every file, when [`IngestOptions::record_files`] is set.
+    pub files: Vec<FileRecord>,
 }
 
 /// Why an ingest failed. Each message names the path and what to do.
@@ -293,6 +327,7 @@ pub fn ingest_dir(
     let seen = SeenSet::new();
     let worker = FileWorker {
         chunker,
+        cache: opts.file_cache.as_deref(),
         block_size: opts.block_size,
         seen: &seen,
         sink,
@@ -308,8 +343,18 @@ pub fn ingest_dir(
     // 5. Trees, bottom-up.
     let mut objects = Vec::new();
     let mut stored: HashSet<TreeId> = HashSet::new();
+    let mut records = Vec::new();
     for (job, result) in files.iter().zip(results) {
         stats.files += 1;
+        stats.cached_files += result.cached as u64;
+        if opts.record_files {
+            records.push(FileRecord {
+                path: job.path.clone(),
+                meta: job.meta.clone(),
+                chunks: result.chunks.clone(),
+                cached: result.cached,
+            });
+        }
         stats.bytes += result.size;
         stats.chunks += result.chunks.len() as u64;
         stats.unique_chunks += result.new_chunks;
@@ -362,6 +407,7 @@ pub fn ingest_dir(
         objects,
         stats,
         skipped,
+        files: records,
     })
 }
 
@@ -381,10 +427,12 @@ struct FileResult {
     chunks: Vec<ChunkRef>,
     new_chunks: u64,
     new_bytes: u64,
+    cached: bool,
 }
 
 struct FileWorker<'a> {
     chunker: Chunker,
+    cache: Option<&'a dyn FileCache>,
     block_size: usize,
     seen: &'a SeenSet,
     sink: &'a dyn ChunkSink,
@@ -394,6 +442,19 @@ struct FileWorker<'a> {
 impl FileWorker<'_> {
     fn process(&self, job: &FileJob) -> Result<FileResult, IngestError> {
         let path = &job.path;
+        if let Some(chunks) = self.cache.and_then(|c| c.lookup(path, &job.meta)) {
+            if chunks.iter().map(|c| c.len as u64).sum::<u64>() == job.meta.len() {
+                self.progress.bytes(job.meta.len());
+                self.progress.file_done(path);
+                return Ok(FileResult {
+                    size: job.meta.len(),
+                    chunks,
+                    new_chunks: 0,
+                    new_bytes: 0,
+                    cached: true,
+                });
+            }
+        }
         let mut file = File::open(path).map_err(io_err(path))?;
         let before = file.metadata().map_err(io_err(path))?;
         if !same_version(&before, &job.meta) {
@@ -405,6 +466,7 @@ impl FileWorker<'_> {
             chunks: Vec::new(),
             new_chunks: 0,
             new_bytes: 0,
+            cached: false,
         };
         if before.len() as usize <= self.block_size {
             // Small file: one read, one batch.

@@ -21,6 +21,7 @@ fn tiny() -> IngestOptions {
         chunker: ChunkerConfig::tiny(),
         threads: 2,
         block_size: 4096,
+        ..IngestOptions::default()
     }
 }
 
@@ -273,4 +274,42 @@ fn unsafe_names_are_rejected() {
             "{bad:?}"
         );
     }
+}
+
+/// A cache that vouches for every file it was given, whatever its state.
+struct TrustingCache(HashMap<std::path::PathBuf, Vec<ChunkRef>>);
+
+impl granary_core::ingest::FileCache for TrustingCache {
+    fn lookup(&self, path: &Path, _meta: &std::fs::Metadata) -> Option<Vec<ChunkRef>> {
+        self.0.get(path).cloned()
+    }
+}
+
+#[test]
+fn cached_files_are_not_read_and_records_are_returned() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("a"), common::random_bytes(5, 20_000)).unwrap();
+    std::fs::write(d.path().join("b"), common::random_bytes(6, 20_000)).unwrap();
+    let opts = IngestOptions {
+        record_files: true,
+        ..tiny()
+    };
+    let first = ingest_dir(d.path(), &opts, &DiscardSink, &NoProgress).unwrap();
+    assert_eq!(first.files.len(), 2);
+    assert_eq!(first.stats.cached_files, 0);
+    // Vouch for "a" with its recorded chunks: the result must be identical,
+    // and the sink must see only b's chunks.
+    let rec = first.files.iter().find(|f| f.path.ends_with("a")).unwrap();
+    let cache = TrustingCache(HashMap::from([(rec.path.clone(), rec.chunks.clone())]));
+    let opts = IngestOptions {
+        file_cache: Some(std::sync::Arc::new(cache)),
+        ..tiny()
+    };
+    let sink = common::MemSink::default();
+    let second = ingest_dir(d.path(), &opts, &sink, &NoProgress).unwrap();
+    assert_eq!(second.root, first.root);
+    assert_eq!(second.stats.cached_files, 1);
+    let seen = sink.chunks.lock().unwrap();
+    assert!(rec.chunks.iter().all(|c| !seen.contains_key(&c.id)), "cached file was read");
+    assert!(!seen.is_empty());
 }
