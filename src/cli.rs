@@ -266,6 +266,10 @@ pub enum InspectCommand {
 pub enum BenchCommand {
     /// Ingest pipeline (chunk + hash + frame) vs plain BLAKE3 and plain lz4 on the same bytes.
     Ingest(BenchIngestArgs),
+    /// Commit throughput and latency of a local multi-node metadata cluster.
+    Meta(crate::commands::bench::BenchMetaArgs),
+    /// Fresh and incremental upload vs `restic backup` of the same data, storage growth, peak RSS.
+    Upload(crate::commands::bench::BenchUploadArgs),
 }
 
 #[derive(Debug, Args)]

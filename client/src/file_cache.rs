@@ -95,12 +95,18 @@ impl LocalFileCache {
     }
 
     fn key(&self, path: &Path) -> Option<Vec<u8>> {
-        path.strip_prefix(&self.root).ok().map(|p| p.as_os_str().as_encoded_bytes().to_vec())
+        path.strip_prefix(&self.root)
+            .ok()
+            .map(|p| p.as_os_str().as_encoded_bytes().to_vec())
     }
 
     /// Records the files of a committed upload that started at `started`.
     pub fn save(mut self, records: &[FileRecord], started: SystemTime) -> std::io::Result<()> {
-        let cutoff = started.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0) - 2;
+        let cutoff = started
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+            - 2;
         self.stored = Stored {
             format: FORMAT,
             entries: HashMap::with_capacity(records.len()),
@@ -111,13 +117,22 @@ impl LocalFileCache {
             }
             if let Some(k) = self.key(&r.path) {
                 let chunks = r.chunks.iter().map(|c| (*c.id.as_bytes(), c.len)).collect();
-                self.stored.entries.insert(k, Entry { id: Identity::of(&r.meta), chunks });
+                self.stored.entries.insert(
+                    k,
+                    Entry {
+                        id: Identity::of(&r.meta),
+                        chunks,
+                    },
+                );
             }
         }
         let dir = self.file.parent().expect("cache file has a parent");
         std::fs::create_dir_all(dir)?;
         let tmp = self.file.with_extension("tmp");
-        std::fs::write(&tmp, bincode::serialize(&self.stored).map_err(std::io::Error::other)?)?;
+        std::fs::write(
+            &tmp,
+            bincode::serialize(&self.stored).map_err(std::io::Error::other)?,
+        )?;
         std::fs::rename(&tmp, &self.file)
     }
 }

@@ -184,7 +184,9 @@ pub async fn upload_dir(
     let ingest_opts = IngestOptions {
         chunker: opts.chunker,
         threads: opts.threads,
-        file_cache: cache.clone().map(|c| c as Arc<dyn granary_core::ingest::FileCache>),
+        file_cache: cache
+            .clone()
+            .map(|c| c as Arc<dyn granary_core::ingest::FileCache>),
         record_files: cache.is_some(),
         ..IngestOptions::default()
     };

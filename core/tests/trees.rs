@@ -310,6 +310,9 @@ fn cached_files_are_not_read_and_records_are_returned() {
     assert_eq!(second.root, first.root);
     assert_eq!(second.stats.cached_files, 1);
     let seen = sink.chunks.lock().unwrap();
-    assert!(rec.chunks.iter().all(|c| !seen.contains_key(&c.id)), "cached file was read");
+    assert!(
+        rec.chunks.iter().all(|c| !seen.contains_key(&c.id)),
+        "cached file was read"
+    );
     assert!(!seen.is_empty());
 }

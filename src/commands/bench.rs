@@ -3,8 +3,12 @@
 
 mod datagen;
 mod ingest;
+mod meta;
+mod upload;
 
 pub use ingest::run as ingest;
+pub use meta::{run as meta, BenchMetaArgs};
+pub use upload::{run as upload, BenchUploadArgs};
 
 use std::time::{Duration, Instant};
 

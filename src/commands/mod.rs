@@ -1,7 +1,7 @@
 //! Command implementations, one module per family.
 
 mod admin;
-mod bench;
+pub mod bench;
 mod data;
 mod datasets;
 mod inspect;
@@ -21,6 +21,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             inspect::pack(&file, verify, output.json)
         }
         Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(&args),
+        Command::Bench(BenchCommand::Meta(args)) => bench::meta(&args),
+        Command::Bench(BenchCommand::Upload(args)) => bench::upload(&args),
         Command::Server(args) => server::run(args),
         Command::Upload(args) => data::upload(&args),
         Command::Download(args) => data::download(&args),

@@ -1,0 +1,381 @@
+//! `granary bench upload`: Granary's upload against `restic backup` of the
+//! same data, in one run: a fresh upload, an incremental one (v2: 1% of the
+//! files modified in the middle, 1% added), stored-bytes growth for v2 and the
+//! peak RSS of server and client. Granary runs as real processes: an embedded
+//! `granary server` and the `granary upload` CLI.
+
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use super::datagen::{random_bytes, TextGen};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchUploadArgs {
+    /// Where to put the data, the server and the restic repository (default: a temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Incompressible files of --file-kib each.
+    #[arg(long, default_value_t = 4000)]
+    pub files: usize,
+    /// Size of each incompressible file, in KiB.
+    #[arg(long, default_value_t = 256)]
+    pub file_kib: usize,
+    /// MiB of text-like data, in 1 MiB files.
+    #[arg(long, default_value_t = 256)]
+    pub text_mib: usize,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A finished child: wall time, peak RSS (from wait4) and its stdout.
+struct Run {
+    secs: f64,
+    max_rss: u64,
+    stdout: String,
+}
+
+fn run_measured(cmd: &mut Command) -> anyhow::Result<Run> {
+    let started = Instant::now();
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let pid = child.id() as libc::pid_t;
+    let mut stdout = child.stdout.expect("piped");
+    let mut stderr = child.stderr.expect("piped");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).ok();
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).ok();
+        s
+    });
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let secs = started.elapsed().as_secs_f64();
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    if r < 0 || !std::process::ExitStatus::from_raw(status).success() {
+        bail!("{cmd:?} failed: {}", stderr.trim());
+    }
+    Ok(Run {
+        secs,
+        max_rss: usage.ru_maxrss as u64 * 1024,
+        stdout,
+    })
+}
+
+fn du(path: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(path) {
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => total += du(&e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// Sets a file's mtime an hour back, like a dataset that is not being written.
+fn age(path: &Path) -> anyhow::Result<()> {
+    let f = std::fs::File::options().write(true).open(path)?;
+    f.set_modified(SystemTime::now() - Duration::from_secs(3600))?;
+    Ok(())
+}
+
+fn ensure_restic() -> anyhow::Result<()> {
+    if Command::new("restic").arg("version").output().is_ok() {
+        return Ok(());
+    }
+    eprintln!("installing restic (Debian package) for the side-by-side run");
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "restic"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        bail!("restic is not installed and `apt-get install restic` failed; install it and rerun");
+    }
+    Ok(())
+}
+
+struct Server {
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn peak_rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            })
+            .unwrap_or(0)
+            * 1024
+    }
+}
+
+fn generate(data: &Path, args: &BenchUploadArgs) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let size = args.file_kib << 10;
+    let mut buf = vec![0u8; size];
+    for i in 0..args.files {
+        let dir = data.join(format!("shard{:02}", i % 40));
+        std::fs::create_dir_all(&dir)?;
+        random_bytes(i as u64, &mut buf);
+        let p = dir.join(format!("sample{i:05}.bin"));
+        std::fs::write(&p, &buf)?;
+        files.push(p);
+    }
+    let text_dir = data.join("text");
+    std::fs::create_dir_all(&text_dir)?;
+    let mut text = TextGen::new(11);
+    for i in 0..args.text_mib {
+        let mut t = Vec::with_capacity(1 << 20);
+        text.fill(&mut t, 1 << 20);
+        let p = text_dir.join(format!("log{i:04}.txt"));
+        std::fs::write(&p, &t)?;
+        files.push(p);
+    }
+    for f in &files {
+        age(f)?;
+    }
+    Ok(files)
+}
+
+/// v2: 1% of the files get 4 KiB overwritten in the middle, 1% new files appear.
+fn modify(data: &Path, files: &[PathBuf], file_kib: usize) -> anyhow::Result<()> {
+    let step = 100;
+    for (k, f) in files.iter().enumerate().filter(|(i, _)| i % step == 7) {
+        let len = std::fs::metadata(f)?.len();
+        let mut patch = vec![0u8; 4096];
+        random_bytes(1_000_000 + k as u64, &mut patch);
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::options().write(true).open(f)?;
+        file.write_all_at(&patch, len / 2)?;
+    }
+    let added = data.join("added");
+    std::fs::create_dir_all(&added)?;
+    let mut buf = vec![0u8; file_kib << 10];
+    for i in 0..files.len() / step {
+        random_bytes(2_000_000 + i as u64, &mut buf);
+        std::fs::write(added.join(format!("new{i:04}.bin")), &buf)?;
+    }
+    Ok(())
+}
+
+pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
+    ensure_restic()?;
+    let exe = std::env::current_exe()?;
+    let tmp;
+    let root = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("granary-bench-upload-")
+                .tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let data = root.join("data");
+    eprintln!(
+        "generating {} x {} KiB + {} MiB text in {}",
+        args.files,
+        args.file_kib,
+        args.text_mib,
+        data.display()
+    );
+    let files = generate(&data, args)?;
+    let total = du(&data);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr = format!("127.0.0.1:{port}");
+    let log = std::fs::File::create(root.join("server.log"))?;
+    let server = Server {
+        child: Command::new(&exe)
+            .args(["server", "--listen", &addr, "--data-dir"])
+            .arg(root.join("server"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Command::new(&exe)
+        .args(["datasets", "--server", &addr])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "the server did not start; see {}",
+                root.join("server.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Files changed less than 2 s before an upload are not trusted to the file cache.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let cache = root.join("cache");
+    let upload = |label: &str| -> anyhow::Result<(Run, Value)> {
+        eprintln!("granary upload ({label})");
+        let run = run_measured(
+            Command::new(&exe)
+                .args(["upload", "--json", "--server", &addr])
+                .arg(&data)
+                .arg("bench")
+                .env("GRANARY_CACHE_DIR", &cache)
+                .env("RUST_LOG", "warn"),
+        )?;
+        let v: Value = serde_json::from_str(run.stdout.trim()).context("parsing upload --json")?;
+        Ok((run, v))
+    };
+    let repo = root.join("restic");
+    let restic = |extra: &[&str]| -> anyhow::Result<Run> {
+        run_measured(
+            Command::new("restic")
+                .arg("-r")
+                .arg(&repo)
+                .args(extra)
+                .env("RESTIC_PASSWORD", "granary-bench")
+                .env("RESTIC_CACHE_DIR", root.join("restic-cache")),
+        )
+    };
+    let packs = root.join("server/packs");
+
+    let (g1, _) = upload("fresh")?;
+    let g_stored1 = du(&packs);
+    restic(&["init", "-q"])?;
+    eprintln!("restic backup (fresh)");
+    let r1 = restic(&["backup", "-q", "--json", data.to_str().context("utf-8 path")?])?;
+    let r_stored1 = du(&repo);
+    let snapshot = r1
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v["snapshot_id"].as_str().map(String::from))
+        .context("restic printed no snapshot id")?;
+
+    modify(&data, &files, args.file_kib)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let total2 = du(&data);
+    let (g2, g2v) = upload("v2")?;
+    let g_stored2 = du(&packs);
+    eprintln!("restic backup (v2, --parent)");
+    let r2 = restic(&[
+        "backup",
+        "-q",
+        "--parent",
+        &snapshot,
+        data.to_str().context("utf-8 path")?,
+    ])?;
+    let r_stored2 = du(&repo);
+    let server_rss = server.peak_rss();
+    drop(server);
+
+    let mbps = |bytes: u64, secs: f64| bytes as f64 / secs / 1e6;
+    let growth = |a: u64, b: u64| (b as f64 - a as f64) / a as f64 * 100.0;
+    let rows = json!({
+        "dataset_bytes": total, "v2_bytes": total2,
+        "fresh": {"granary_mbps": mbps(total, g1.secs), "restic_mbps": mbps(total, r1.secs),
+                  "ratio": r1.secs / g1.secs, "target": 3.0},
+        "v2": {"granary_mbps": mbps(total2, g2.secs), "restic_mbps": mbps(total2, r2.secs),
+               "ratio": r2.secs / g2.secs, "target": 1.5,
+               "granary_new_bytes": g2v["new_bytes"], "granary_cached_files": g2v["cached_files"]},
+        "v2_growth_percent": {"granary": growth(g_stored1, g_stored2), "restic": growth(r_stored1, r_stored2)},
+        "peak_rss_bytes": {"server": server_rss, "client_fresh": g1.max_rss, "client_v2": g2.max_rss,
+                           "restic_fresh": r1.max_rss, "target": 512u64 << 20},
+        "stored_bytes": {"granary_v1": g_stored1, "granary_v2": g_stored2, "restic_v1": r_stored1, "restic_v2": r_stored2},
+    });
+    if args.json {
+        println!("{rows}");
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    let ok = |b: bool| if b { "ok" } else { "BELOW TARGET" };
+    let f = &rows["fresh"];
+    let v = &rows["v2"];
+    let gr = &rows["v2_growth_percent"];
+    writeln!(
+        out,
+        "granary bench upload: {:.0} MiB in {} files",
+        total as f64 / 1048576.0,
+        files.len()
+    )?;
+    writeln!(
+        out,
+        "{:<28} {:>12} {:>12} {:>8}  target",
+        "", "granary", "restic", "ratio"
+    )?;
+    writeln!(
+        out,
+        "{:<28} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x  >= 3x: {}",
+        "fresh upload",
+        f["granary_mbps"].as_f64().unwrap_or(0.0),
+        f["restic_mbps"].as_f64().unwrap_or(0.0),
+        f["ratio"].as_f64().unwrap_or(0.0),
+        ok(f["ratio"].as_f64().unwrap_or(0.0) >= 3.0)
+    )?;
+    writeln!(
+        out,
+        "{:<28} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x  >= 1.5x: {}",
+        "v2 (1% modified, 1% added)",
+        v["granary_mbps"].as_f64().unwrap_or(0.0),
+        v["restic_mbps"].as_f64().unwrap_or(0.0),
+        v["ratio"].as_f64().unwrap_or(0.0),
+        ok(v["ratio"].as_f64().unwrap_or(0.0) >= 1.5)
+    )?;
+    let (ggr, rgr) = (
+        gr["granary"].as_f64().unwrap_or(0.0),
+        gr["restic"].as_f64().unwrap_or(0.0),
+    );
+    writeln!(
+        out,
+        "{:<28} {:>11.2}% {:>11.2}% {:>8}  <= restic: {}",
+        "v2 stored-bytes growth",
+        ggr,
+        rgr,
+        "",
+        ok(ggr <= rgr)
+    )?;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    writeln!(
+        out,
+        "{:<28} server {:.0} MiB, client {:.0} MiB (v2 {:.0} MiB), restic {:.0} MiB  <= 512 MiB: {}",
+        "peak RSS",
+        mib(server_rss),
+        mib(g1.max_rss),
+        mib(g2.max_rss),
+        mib(r1.max_rss),
+        ok(server_rss <= 512 << 20 && g1.max_rss <= 512 << 20 && g2.max_rss <= 512 << 20)
+    )?;
+    Ok(())
+}

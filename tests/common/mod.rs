@@ -1,0 +1,482 @@
+//! Harness for end-to-end tests that run real `granary server` processes.
+//!
+//! A [`Cluster`] owns a temporary directory with one data directory per node
+//! (`node-N/`) and its log (`node-N.log`, stderr and stdout of the process).
+//! Every node listens on its own loopback port, so tests run in parallel
+//! threads of one test binary without sharing anything. Dropping the cluster
+//! (also while a test panics) kills every child process; on a panic it first
+//! prints the tail of every node's log, and `GRANARY_TEST_KEEP=1` keeps the
+//! directory for a closer look. `GRANARY_TEST_LOG` sets the servers'
+//! `RUST_LOG` (default `warn`).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::fs::OpenOptions;
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use granary_client::{proto, ClientError, MetaClient};
+use granary_core::{Tree, TreeId};
+pub use granary_raft::NodeStatus;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_granary");
+
+/// How often the polling helpers look again.
+const POLL: Duration = Duration::from_millis(150);
+
+/// A loopback port nobody listens on.
+///
+/// Ports come from below the kernel's ephemeral range, handed out by a
+/// process-wide counter and checked by binding them: an outgoing connection
+/// never takes them as its source port, so a node that is killed and restarted
+/// can bind its address again, and two tests never pick the same port.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    if low >= 12_000 {
+        let (start, span) = (low - 10_000, 10_000 - 1);
+        let base = std::process::id() * 211 % span;
+        let _ = NEXT.compare_exchange(0, base + 1, Ordering::SeqCst, Ordering::SeqCst);
+        for _ in 0..span {
+            let port = (start + NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    // Fallback: let the kernel choose, and release it.
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `granary server` process and its fixed address and data directory.
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    join: Option<String>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Node {
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "node {} is already running", self.id);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open node log");
+        self.starts += 1;
+        use std::io::Write;
+        let _ = writeln!(
+            &log,
+            "===== harness: start #{} of node {} =====",
+            self.starts, self.id
+        );
+        let mut cmd = Command::new(BIN);
+        cmd.arg("server")
+            .arg("--node-id")
+            .arg(self.id.to_string())
+            .arg("--listen")
+            .arg(&self.addr)
+            .arg("--data-dir")
+            .arg(&self.dir);
+        if let Some(seed) = &self.join {
+            cmd.arg("--join").arg(seed);
+        }
+        let level = std::env::var("GRANARY_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        cmd.env("RUST_LOG", level)
+            .env("NO_COLOR", "1")
+            .env_remove("GRANARY_SERVER")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log);
+        self.child = Some(cmd.spawn().expect("spawn granary server"));
+    }
+
+    /// True while the process runs; reaps it (and reports where its log is) once it exited.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(status))) => {
+                eprintln!(
+                    "node {} exited by itself ({status}); see {}",
+                    self.id,
+                    self.log.display()
+                );
+                self.child = None;
+                false
+            }
+            Some(Err(e)) => panic!("waiting for node {}: {e}", self.id),
+            None => false,
+        }
+    }
+
+    /// SIGKILL, as a crash would; waits until the process is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The last `lines` lines of the node's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A set of nodes in one temporary directory. Node ids are chosen by the test.
+pub struct Cluster {
+    // Declared before `tmp`: the processes die before their directories go.
+    nodes: BTreeMap<u64, Node>,
+    tmp: Option<tempfile::TempDir>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cluster {
+    /// An empty cluster: no node yet.
+    pub fn new() -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("granary-test-")
+            .tempdir()
+            .expect("temp dir");
+        Self {
+            nodes: BTreeMap::new(),
+            tmp: Some(tmp),
+        }
+    }
+
+    /// Starts nodes 1..=n: node 1 bootstraps, each other node joins node 1;
+    /// returns once node 1 reports all n nodes as voters and every node
+    /// knows the leader.
+    pub async fn start(n: u64) -> Self {
+        let mut c = Self::new();
+        c.spawn(1, None);
+        c.wait_leader(&[1], Duration::from_secs(20)).await;
+        for id in 2..=n {
+            c.spawn(id, Some(1));
+            let want: Vec<u64> = (1..=id).collect();
+            c.wait_voters(1, &want, Duration::from_secs(30)).await;
+        }
+        let all = c.ids();
+        c.wait_leader(&all, Duration::from_secs(20)).await;
+        c
+    }
+
+    pub fn root(&self) -> &Path {
+        self.tmp.as_ref().unwrap().path()
+    }
+
+    /// Adds node `id` on a fresh port and starts it, joining node `join` if given.
+    pub fn spawn(&mut self, id: u64, join: Option<u64>) {
+        assert!(!self.nodes.contains_key(&id), "node {id} exists already");
+        let join = join.map(|j| self.addr(j));
+        let root = self.root().to_path_buf();
+        let mut node = Node {
+            id,
+            addr: format!("127.0.0.1:{}", free_port()),
+            dir: root.join(format!("node-{id}")),
+            log: root.join(format!("node-{id}.log")),
+            join,
+            child: None,
+            starts: 0,
+        };
+        node.spawn();
+        self.nodes.insert(id, node);
+    }
+
+    /// Ids of every node the cluster ever started.
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        self.nodes.get(&id).unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut Node {
+        self.nodes.get_mut(&id).unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        self.node(id).addr.clone()
+    }
+
+    /// True while node `id`'s process runs.
+    pub fn is_running(&mut self, id: u64) -> bool {
+        self.node_mut(id).is_running()
+    }
+
+    /// kill -9 node `id`.
+    pub fn kill(&mut self, id: u64) {
+        self.node_mut(id).kill();
+    }
+
+    /// Starts node `id` again with the same address, data directory and flags.
+    pub fn restart(&mut self, id: u64) {
+        self.node_mut(id).spawn();
+    }
+
+    /// A client that talks to node `id` only.
+    pub fn client(&self, id: u64) -> MetaClient {
+        self.client_of(&[id])
+    }
+
+    /// A client that fails over between the given nodes, in that order.
+    pub fn client_of(&self, ids: &[u64]) -> MetaClient {
+        let addrs: Vec<String> = ids.iter().map(|&i| self.addr(i)).collect();
+        MetaClient::connect(&addrs).expect("client")
+    }
+
+    /// Node `id`'s own status (through the SDK), or why it could not be had.
+    pub async fn status(&self, id: u64) -> Result<NodeStatus, String> {
+        let client = self.client(id);
+        let json = match tokio::time::timeout(Duration::from_secs(3), client.status(true)).await {
+            Ok(Ok(json)) => json,
+            Ok(Err(e)) => return Err(format!("node {id}: {e}")),
+            Err(_) => return Err(format!("node {id}: status timed out")),
+        };
+        serde_json::from_value(json["node"].clone())
+            .map_err(|e| format!("node {id}: malformed status {json}: {e}"))
+    }
+
+    /// The status of every node in `ids`, or the first failure.
+    pub async fn statuses(&self, ids: &[u64]) -> Result<Vec<NodeStatus>, String> {
+        let mut out = Vec::new();
+        for &id in ids {
+            out.push(self.status(id).await?);
+        }
+        Ok(out)
+    }
+
+    /// Waits until every node in `ids` reports the same leader, which is one of
+    /// `ids` and reports itself as `Leader`; returns its id.
+    pub async fn wait_leader(&self, ids: &[u64], timeout: Duration) -> u64 {
+        wait_for(&format!("a leader among nodes {ids:?}"), timeout, || async {
+            let all = self.statuses(ids).await?;
+            let leader = all[0]
+                .leader
+                .ok_or_else(|| format!("node {} knows no leader", all[0].node_id))?;
+            if all.iter().any(|s| s.leader != Some(leader)) {
+                return Err(format!("nodes disagree on the leader: {:?}", leaders(&all)));
+            }
+            let l = all
+                .iter()
+                .find(|s| s.node_id == leader)
+                .ok_or_else(|| format!("leader {leader} is not one of {ids:?}"))?;
+            if l.state != "Leader" {
+                return Err(format!("leader {leader} reports state {}", l.state));
+            }
+            Ok(leader)
+        })
+        .await
+    }
+
+    /// Waits until node `id` reports exactly `voters` as voters and no learner.
+    pub async fn wait_voters(&self, id: u64, voters: &[u64], timeout: Duration) -> NodeStatus {
+        wait_for(
+            &format!("node {id} to report voters {voters:?}"),
+            timeout,
+            || async {
+                let s = self.status(id).await?;
+                if s.voters == voters && s.learners.is_empty() {
+                    Ok(s)
+                } else {
+                    Err(format!("voters {:?}, learners {:?}", s.voters, s.learners))
+                }
+            },
+        )
+        .await
+    }
+
+    /// Waits until every node in `ids` reports the same applied index, digest
+    /// and digest index (the digest describing exactly the applied index);
+    /// returns the status of the first.
+    pub async fn wait_converged(&self, ids: &[u64], timeout: Duration) -> NodeStatus {
+        wait_for(&format!("nodes {ids:?} to converge"), timeout, || async {
+            let all = self.statuses(ids).await?;
+            let first = &all[0];
+            let same = all.iter().all(|s| {
+                s.applied_index.is_some()
+                    && s.applied_index == first.applied_index
+                    && s.digest_index == s.applied_index
+                    && s.digest == first.digest
+            });
+            if same {
+                Ok(first.clone())
+            } else {
+                let view: Vec<String> = all
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "node {}: applied {:?}, digest {} at {:?}",
+                            s.node_id,
+                            s.applied_index,
+                            &s.digest[..s.digest.len().min(12)],
+                            s.digest_index
+                        )
+                    })
+                    .collect();
+                Err(view.join("; "))
+            }
+        })
+        .await
+    }
+
+    /// `granary admin status --json` against node `id`: the parsed JSON
+    /// (`{"node": ..., "cluster": [...]}`), or the command's error output.
+    pub fn admin_status(&self, id: u64) -> Result<serde_json::Value, String> {
+        let o = self.cli(&["admin", "status", "--server", &self.addr(id), "--json"]);
+        if !o.status.success() {
+            return Err(format!(
+                "admin status --json against node {id} failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        serde_json::from_slice(&o.stdout).map_err(|e| {
+            format!(
+                "admin status --json printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&o.stdout)
+            )
+        })
+    }
+
+    /// Runs the `granary` binary with `args` and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .env_remove("GRANARY_SERVER")
+            .output()
+            .expect("run granary")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        if panicking {
+            for n in self.nodes.values() {
+                eprintln!(
+                    "----- node {} ({}) log, last lines of {} -----\n{}",
+                    n.id,
+                    n.addr,
+                    n.log.display(),
+                    n.log_tail(40)
+                );
+            }
+        }
+        for n in self.nodes.values_mut() {
+            n.kill();
+        }
+        if std::env::var_os("GRANARY_TEST_KEEP").is_some() {
+            if let Some(tmp) = self.tmp.take() {
+                eprintln!("kept test directory {}", tmp.keep().display());
+            }
+        }
+    }
+}
+
+fn leaders(all: &[NodeStatus]) -> Vec<(u64, Option<u64>, String)> {
+    all.iter()
+        .map(|s| (s.node_id, s.leader, s.state.clone()))
+        .collect()
+}
+
+/// Polls `check` until it returns `Ok`, and returns that value; panics after
+/// `timeout` with `what` and the last reason `check` gave.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        let reason = match check().await {
+            Ok(v) => return v,
+            Err(reason) => reason,
+        };
+        if start.elapsed() >= timeout {
+            panic!("timed out after {timeout:?} waiting for {what}; last: {reason}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// An empty tree object and its id: a valid root for a version.
+pub fn empty_tree() -> (TreeId, Vec<u8>) {
+    let t = Tree::new(vec![]).unwrap();
+    let bytes = t.encode();
+    (TreeId::of(&bytes), bytes)
+}
+
+/// A commit request of `root` on top of `parent`.
+pub fn commit_req(dataset: &str, root: &TreeId, parent: Option<u64>, message: &str) -> proto::CommitRequest {
+    proto::CommitRequest {
+        dataset: dataset.into(),
+        root: root.as_bytes().to_vec(),
+        parent,
+        force: false,
+        message: message.into(),
+        stats: None,
+    }
+}
+
+/// The gRPC code of a server error by name (`"NotFound"`, ...), or `"none"`.
+pub fn code_name(e: &ClientError) -> String {
+    e.code().map_or_else(|| "none".into(), |c| format!("{c:?}"))
+}
+
+/// Asserts that `r` failed with the gRPC code named `code` (`"NotFound"`, ...)
+/// and a one-line message that satisfies `check`; returns the message.
+#[track_caller]
+pub fn expect_err<T: Debug>(
+    what: &str,
+    r: Result<T, ClientError>,
+    code: &str,
+    check: impl FnOnce(&str) -> bool,
+) -> String {
+    let e = match r {
+        Ok(v) => panic!("{what}: expected {code}, got success: {v:?}"),
+        Err(e) => e,
+    };
+    let msg = e.to_string();
+    eprintln!("{what}: {}: {msg}", code_name(&e));
+    assert_eq!(code_name(&e), code, "{what}: wrong code for error: {msg}");
+    assert!(
+        !msg.is_empty() && !msg.contains('\n'),
+        "{what}: message is not one line: {msg:?}"
+    );
+    assert!(check(&msg), "{what}: unexpected message: {msg}");
+    msg
+}
