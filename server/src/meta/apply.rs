@@ -63,30 +63,38 @@ impl Applier<'_, '_> {
         match cmd {
             MetaCommand::CreateDataset { name, now_ms } => {
                 check_name(&name)?;
-                if self.r.dataset(&name).map_err(internal)?.is_some() {
+                let previous = self.r.dataset_record(&name).map_err(internal)?;
+                if previous.as_ref().is_some_and(|d| !d.deleted) {
                     return Err(MetaError::AlreadyExists(format!(
                         "dataset '{name}' already exists"
                     )));
                 }
                 let record = DatasetRecord {
                     created_ms: now_ms,
-                    next_version: 1,
+                    next_version: previous.map_or(1, |d| d.next_version),
                     latest: None,
                     versions: 0,
+                    deleted: false,
                 };
                 self.put(CF_DATASETS, name.as_bytes(), &record);
                 Ok(MetaReply::Dataset { name, record })
             }
             MetaCommand::DeleteDataset { name } => {
                 check_name(&name)?;
-                if self.r.dataset(&name).map_err(internal)?.is_none() {
-                    return Err(dataset_not_found(&name));
-                }
+                let mut ds = self
+                    .r
+                    .dataset(&name)
+                    .map_err(internal)?
+                    .ok_or_else(|| dataset_not_found(&name))?;
                 for (n, _) in self.r.versions(&name).map_err(internal)? {
                     self.batch
                         .delete_cf(self.r.cf(CF_VERSIONS), version_key(&name, n));
                 }
-                self.batch.delete_cf(self.r.cf(CF_DATASETS), name.as_bytes());
+                // Keep a tombstone so the version numbers are never reused.
+                ds.deleted = true;
+                ds.latest = None;
+                ds.versions = 0;
+                self.put(CF_DATASETS, name.as_bytes(), &ds);
                 Ok(MetaReply::Unit)
             }
             MetaCommand::PutTrees { objects } => self.put_trees(objects),
@@ -104,13 +112,14 @@ impl Applier<'_, '_> {
                     .as_slice()
                     .try_into()
                     .map_err(|_| MetaError::InvalidArgument("root tree id must be 32 bytes".into()))?;
-                let mut ds = match self.r.dataset(&dataset).map_err(internal)? {
-                    Some(d) => d,
-                    None => DatasetRecord {
+                let mut ds = match self.r.dataset_record(&dataset).map_err(internal)? {
+                    Some(d) if !d.deleted => d,
+                    previous => DatasetRecord {
                         created_ms: now_ms,
-                        next_version: 1,
+                        next_version: previous.map_or(1, |d| d.next_version),
                         latest: None,
                         versions: 0,
+                        deleted: false,
                     },
                 };
                 if !force && parent != ds.latest {
@@ -279,5 +288,80 @@ impl Applier<'_, '_> {
             stored += 1;
         }
         Ok(MetaReply::Stored(stored))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use granary_core::Tree;
+    use rocksdb::WriteBatch;
+
+    use super::*;
+    use crate::meta::command::MetaResult;
+
+    fn apply(db: &DB, cmd: MetaCommand) -> MetaResult {
+        let mut batch = WriteBatch::default();
+        let out = MetaApp.apply(db, &mut batch, 1, &cmd.encode());
+        db.write(batch).unwrap();
+        bincode::deserialize(&out).unwrap()
+    }
+
+    fn commit(db: &DB, dataset: &str, root: &TreeId, parent: Option<u64>) -> MetaResult {
+        apply(
+            db,
+            MetaCommand::CommitVersion {
+                dataset: dataset.into(),
+                root: root.as_bytes().to_vec(),
+                parent,
+                force: false,
+                message: String::new(),
+                stats: Stats::default(),
+                now_ms: 1,
+            },
+        )
+    }
+
+    #[test]
+    fn version_numbers_are_never_reused_and_refusals_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = granary_raft::store::open_db(dir.path(), COLUMN_FAMILIES).unwrap();
+        let tree = Tree::new(vec![]).unwrap().encode();
+        let root = TreeId::of(&tree);
+        // Committing before the tree is stored is refused, and leaves nothing behind.
+        assert!(matches!(
+            commit(&db, "ds", &root, None),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+        assert!(Reader { db: &db }.dataset_record("ds").unwrap().is_none());
+        apply(
+            &db,
+            MetaCommand::PutTrees {
+                objects: vec![(root.as_bytes().to_vec(), tree)],
+            },
+        )
+        .unwrap();
+        for n in 1..=2 {
+            let parent = (n > 1).then_some(n - 1);
+            assert!(
+                matches!(commit(&db, "ds", &root, parent), Ok(MetaReply::Version { number, .. }) if number == n)
+            );
+        }
+        apply(&db, MetaCommand::DeleteDataset { name: "ds".into() }).unwrap();
+        assert!(Reader { db: &db }.dataset("ds").unwrap().is_none());
+        // Recreated: numbering continues at 3, so "ds@1" never names two versions.
+        assert!(matches!(
+            commit(&db, "ds", &root, None),
+            Ok(MetaReply::Version { number: 3, .. })
+        ));
+        assert!(matches!(
+            apply(
+                &db,
+                MetaCommand::CreateDataset {
+                    name: "ds".into(),
+                    now_ms: 2
+                }
+            ),
+            Err(MetaError::AlreadyExists(_))
+        ));
     }
 }

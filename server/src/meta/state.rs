@@ -51,6 +51,9 @@ pub struct DatasetRecord {
     pub latest: Option<u64>,
     /// Live versions.
     pub versions: u64,
+    /// Deleted datasets keep their record, so version numbers are never
+    /// reused if the name is used again (`name@N` always means one version).
+    pub deleted: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,7 +179,13 @@ impl<'a> Reader<'a> {
             .collect()
     }
 
+    /// A live (not deleted) dataset.
     pub fn dataset(&self, name: &str) -> Result<Option<DatasetRecord>, String> {
+        Ok(self.dataset_record(name)?.filter(|d| !d.deleted))
+    }
+
+    /// A dataset's record, deleted or not.
+    pub fn dataset_record(&self, name: &str) -> Result<Option<DatasetRecord>, String> {
         self.get(CF_DATASETS, name.as_bytes())
     }
 
