@@ -8,8 +8,10 @@
 //! | `sm_state` | `last_applied`, `membership`, `installing` | bincode |
 //! | the application's own | whatever the [`App`] writes | |
 //!
-//! Durability: a vote and appended entries are written with `sync` before
-//! openraft is told they are durable. Each applied entry is one `WriteBatch`
+//! Durability: a vote is written with `sync` before `save_vote` returns.
+//! Appended entries are written at once (readable immediately) and reported
+//! durable only after a WAL sync; a syncer thread syncs once for every append
+//! waiting (group commit), so one fsync covers many entries under load. Each applied entry is one `WriteBatch`
 //! holding the application's writes plus `last_applied` (and the membership
 //! when it changes); the batches of one `apply` call are written in order and
 //! the last with `sync`, which makes every earlier one durable too (the WAL is

@@ -182,6 +182,11 @@ impl PackWriter {
         Ok(entry)
     }
 
+    /// Hands buffered frames to the OS (no fsync).
+    pub fn flush(&mut self) -> Result<(), PackError> {
+        self.file.flush().map_err(|e| PackError::io(&self.path, e))
+    }
+
     /// Makes every appended frame durable (flush + fdatasync).
     pub fn sync(&mut self) -> Result<(), PackError> {
         self.file.flush().map_err(|e| PackError::io(&self.path, e))?;
@@ -233,6 +238,12 @@ impl PackWriter {
     /// The file being written.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl std::os::unix::io::AsRawFd for PackWriter {
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.file.get_ref().as_raw_fd()
     }
 }
 

@@ -20,6 +20,8 @@ use super::store::PackStore;
 
 /// Largest piece of frame data in one streamed reply message.
 const READ_PIECE: usize = 4 << 20;
+/// Start disk writeback every this many bytes of a pack.
+const WRITEBACK_STEP: u64 = 8 << 20;
 /// Largest total of ranges one `GetFrames` call may ask for.
 const MAX_READ: usize = 64 << 20;
 
@@ -131,6 +133,7 @@ impl ChunkService {
         };
 
         let mut msg = first;
+        let mut written_back = 0u64;
         loop {
             let seal = msg.seal;
             if !msg.frames.is_empty() || seal {
@@ -144,8 +147,16 @@ impl ChunkService {
                     .map_err(|_| Status::unavailable("a downstream replica closed the session"))?;
                 }
                 let buf = std::mem::take(&mut msg.frames);
-                writer = tokio::task::block_in_place(|| append_frames(writer, &buf))
-                    .map_err(|e| pack_status(node, id, e))?;
+                let store = &self.inner.store;
+                writer = tokio::task::block_in_place(|| {
+                    let mut w = append_frames(writer, &buf)?;
+                    if w.len() - written_back >= WRITEBACK_STEP {
+                        store.start_writeback(&mut w, written_back)?;
+                        written_back = w.len();
+                    }
+                    Ok(w)
+                })
+                .map_err(|e| pack_status(node, id, e))?;
             }
             if seal {
                 break;
