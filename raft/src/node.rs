@@ -43,7 +43,7 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// Defaults tuned for a LAN: 150 ms heartbeats, 0.8-1.6 s election
-    /// timeouts, a snapshot every 5,000 entries keeping 1,000 entries of log.
+    /// timeouts, a snapshot every 10,000 entries keeping 1,000 entries of log.
     pub fn new(id: NodeId, addr: impl Into<String>, dir: impl Into<PathBuf>) -> Self {
         let raft = Config {
             cluster_name: "granary".into(),
@@ -51,7 +51,7 @@ impl NodeConfig {
             election_timeout_min: 800,
             election_timeout_max: 1600,
             install_snapshot_timeout: 10_000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
             max_in_snapshot_log_to_keep: 1000,
             max_payload_entries: 2000,
             ..Default::default()
