@@ -73,9 +73,30 @@ fn errors_are_one_line_with_nonzero_exit() {
         "{err}"
     );
 
-    let o = granary(&["upload", "/tmp", "ds"]);
+    // Local mistakes are reported before any server is contacted.
+    let o = granary(&["upload", "/definitely/not/here", "ds", "--server", "127.0.0.1:1"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("not available in this build yet"));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("error: cannot read '/definitely/not/here'"),
+        "{}",
+        stderr(&o)
+    );
+    let o = granary(&["upload", "/tmp", "bad/name", "--server", "127.0.0.1:1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).starts_with("error: invalid dataset name \"bad/name\""),
+        "{}",
+        stderr(&o)
+    );
+    // And an unreachable server is named, with the fix.
+    let o = granary(&["datasets", "--server", "127.0.0.1:1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("cannot reach a granary server at 127.0.0.1:1"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 fn write_pack(path: &Path) {
