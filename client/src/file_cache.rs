@@ -7,8 +7,11 @@
 //! `$GRANARY_CACHE_DIR`, `$XDG_CACHE_HOME/granary` or `~/.cache/granary`,
 //! rewritten (temp file + rename) after each successful commit. Files modified
 //! less than 2 s before the upload started are not recorded: on filesystems
-//! with coarse timestamps a later write could leave the same mtime. Before a
-//! commit the uploader checks that every cached chunk is still stored.
+//! with coarse timestamps a later write could leave the same mtime. Before
+//! chunking, the uploader asks the cluster for every chunk the cache names and
+//! forgets the files whose chunks it does not store (uploading the same
+//! directory to another cluster, or chunks reclaimed by GC): those are read
+//! again. After chunking it checks once more, for chunks reclaimed meanwhile.
 
 use std::collections::HashMap;
 use std::fs::Metadata;
@@ -92,6 +95,33 @@ impl LocalFileCache {
             file,
             stored,
         }
+    }
+
+    /// Every chunk id the cache refers to, once each.
+    pub fn chunk_ids(&self) -> Vec<ChunkId> {
+        let mut ids: Vec<ChunkId> = self
+            .stored
+            .entries
+            .values()
+            .flat_map(|e| e.chunks.iter().map(|(id, _)| ChunkId::from_bytes(*id)))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Forgets every file that refers to a chunk in `missing` (the cluster
+    /// does not store it: another cluster, or reclaimed by GC), so those files
+    /// are read again instead.
+    pub fn forget_missing(&mut self, missing: &std::collections::HashSet<ChunkId>) {
+        if missing.is_empty() {
+            return;
+        }
+        self.stored.entries.retain(|_, e| {
+            e.chunks
+                .iter()
+                .all(|(id, _)| !missing.contains(&ChunkId::from_bytes(*id)))
+        });
     }
 
     fn key(&self, path: &Path) -> Option<Vec<u8>> {

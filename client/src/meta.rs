@@ -343,7 +343,7 @@ fn tree_id(b: &[u8]) -> Result<TreeId, ClientError> {
 }
 
 /// The innermost cause of a transport failure ("Connection refused (os error 111)").
-fn transport_message(s: &Status) -> String {
+pub(crate) fn transport_message(s: &Status) -> String {
     let mut msg = s.message().to_string();
     let mut src = std::error::Error::source(s);
     while let Some(e) = src {

@@ -179,7 +179,18 @@ pub async fn upload_dir(
     };
 
     let started = std::time::SystemTime::now();
-    let cache = opts.use_file_cache.then(|| Arc::new(LocalFileCache::open(dir)));
+    let cache = if opts.use_file_cache {
+        let mut cache = LocalFileCache::open(dir);
+        let mut missing = std::collections::HashSet::new();
+        for batch in cache.chunk_ids().chunks(4096) {
+            let present = meta.has_chunks(batch).await?;
+            missing.extend(batch.iter().zip(present).filter(|(_, p)| !p).map(|(id, _)| *id));
+        }
+        cache.forget_missing(&missing);
+        Some(Arc::new(cache))
+    } else {
+        None
+    };
     let (tx, rx) = mpsc::channel::<Framed>(256);
     let ingest_opts = IngestOptions {
         chunker: opts.chunker,
@@ -226,7 +237,7 @@ pub async fn upload_dir(
         let present = meta.has_chunks(batch).await?;
         if let Some((id, _)) = batch.iter().zip(present).find(|(_, p)| !p) {
             return Err(ClientError::Invalid(format!(
-                "the local file cache lists chunk {id}, which the cluster no longer stores; rerun with --rehash"
+                "chunk {id}, listed by the local file cache, was removed from the cluster during the upload; rerun it"
             )));
         }
     }

@@ -235,10 +235,16 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
     // Register before announcing readiness, so a client that starts right away
     // finds this chunk server; without a quorum the loop keeps retrying.
     let registered = register_node(&node, &cfg, store.as_ref()).await.is_ok();
+    let sweeper = store
+        .clone()
+        .map(|store| tokio::spawn(sweep_loop(store, cfg.clone())));
     let heartbeat = tokio::spawn(heartbeat_loop(node.clone(), cfg.clone(), store, registered));
     shutdown.await;
     tracing::info!("shutting down");
     heartbeat.abort();
+    if let Some(s) = sweeper {
+        s.abort();
+    }
     let _ = stop_tx.send(());
     node.shutdown().await;
     match server.await {
@@ -270,6 +276,19 @@ async fn register_node(
         },
     };
     node.write(cmd.encode()).await.map(|_| ())
+}
+
+/// Periodically removes sealed packs that were never registered.
+async fn sweep_loop(store: PackStore, cfg: ServerConfig) {
+    let grace = crate::chunk::store::unregistered_grace();
+    let every = grace.clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let Ok(meta) = MetaClient::connect(std::slice::from_ref(&cfg.listen)) else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        crate::chunk::store::sweep_unregistered(&store, &meta, cfg.node_id, grace).await;
+    }
 }
 
 /// Refreshes this node's record every 30 s (every 2 s while that fails).

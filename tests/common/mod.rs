@@ -102,6 +102,8 @@ impl Node {
         let level = std::env::var("GRANARY_TEST_LOG").unwrap_or_else(|_| "warn".into());
         cmd.env("RUST_LOG", level)
             .env("NO_COLOR", "1")
+            // Sealed packs whose session failed are swept after 2 s, not 10 minutes.
+            .env("GRANARY_PACK_GRACE_SECS", "2")
             .env_remove("GRANARY_SERVER")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))

@@ -9,9 +9,10 @@ use granary_client::chunk_proto::*;
 use granary_client::proto::{ChunkLocation, PackInfo, RegisterPackRequest};
 use granary_client::MetaClient;
 use granary_core::frame::FrameHeader;
-use granary_core::pack::PackWriter;
+use granary_core::pack::{PackWriter, SealedPack};
 use granary_core::PackError;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
@@ -125,26 +126,40 @@ impl ChunkService {
                         .write_pack(ReceiverStream::new(rx))
                         .await
                         .map(|r| r.into_inner())
-                        .map_err(|s| Status::unavailable(format!("replica {next} failed: {}", s.message())))
+                        .map_err(|s| {
+                            Status::unavailable(format!("replica {next} failed: {}", status_cause(&s)))
+                        })
                 });
                 (Some(tx), Some(call))
             }
             None => (None, None),
         };
 
+        let full = |(free, reserve): (u64, u64)| {
+            Status::resource_exhausted(format!(
+                "chunk server {node} is out of disk space ({} MiB free, {} MiB kept for metadata); \
+                 free space or add chunk servers",
+                free >> 20,
+                reserve >> 20
+            ))
+        };
+        self.inner.store.check_space(WRITEBACK_STEP).map_err(full)?;
         let mut msg = first;
         let mut written_back = 0u64;
+        let mut downstream = downstream;
         loop {
             let seal = msg.seal;
             if !msg.frames.is_empty() || seal {
                 if let Some(tx) = &down_tx {
-                    tx.send(WritePackRequest {
+                    let forward = WritePackRequest {
                         session: None,
                         frames: msg.frames.clone(),
                         seal,
-                    })
-                    .await
-                    .map_err(|_| Status::unavailable("a downstream replica closed the session"))?;
+                    };
+                    if tx.send(forward).await.is_err() {
+                        // The next replica gave up: report its own error.
+                        return Err(downstream_error(downstream.take()).await);
+                    }
                 }
                 let buf = std::mem::take(&mut msg.frames);
                 let store = &self.inner.store;
@@ -153,10 +168,14 @@ impl ChunkService {
                     if w.len() - written_back >= WRITEBACK_STEP {
                         store.start_writeback(&mut w, written_back)?;
                         written_back = w.len();
+                        if let Err(space) = store.check_space(WRITEBACK_STEP) {
+                            return Ok(Err(space));
+                        }
                     }
-                    Ok(w)
+                    Ok(Ok(w))
                 })
-                .map_err(|e| pack_status(node, id, e))?;
+                .map_err(|e| pack_status(node, id, e))?
+                .map_err(full)?;
             }
             if seal {
                 break;
@@ -171,47 +190,97 @@ impl ChunkService {
         let store = self.inner.store.clone();
         let sealed =
             tokio::task::block_in_place(|| store.finish(writer)).map_err(|e| pack_status(node, id, e))?;
-        if let Some(call) = downstream {
-            call.await.map_err(|e| Status::internal(e.to_string()))??;
-        }
-        let reply = WritePackReply {
-            pack_id: id,
+        // From here on the work must finish even if the client goes away, so
+        // it runs in its own task: wait for the rest of the chain, register.
+        let this = self.clone();
+        let register = session.register;
+        let replica_ids = session.replica_ids.clone();
+        tokio::spawn(async move {
+            let result = async {
+                if let Some(call) = downstream {
+                    call.await.map_err(|e| Status::internal(e.to_string()))??;
+                }
+                if register {
+                    this.register(id, &sealed, replica_ids).await?;
+                }
+                Ok(WritePackReply {
+                    pack_id: id,
+                    bytes: sealed.len,
+                    chunks: sealed.entries.len() as u64,
+                })
+            }
+            .await;
+            if result.is_err() {
+                // This copy will never be registered: drop it now rather than
+                // leave it to the sweep.
+                this.inner.store.remove_sealed(id);
+            }
+            result
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    /// Registers a sealed pack and its chunks in meta. An error that leaves
+    /// the outcome unknown (the leader died mid-write) is resolved by asking
+    /// whether the pack is registered.
+    async fn register(&self, id: u64, sealed: &SealedPack, replicas: Vec<u64>) -> Result<(), Status> {
+        let chunks = sealed
+            .entries
+            .iter()
+            .map(|e| ChunkLocation {
+                id: e.id.as_bytes().to_vec(),
+                pack: id,
+                offset: e.offset,
+                stored_len: e.stored_len,
+                raw_len: e.raw_len,
+            })
+            .collect();
+        let pack = PackInfo {
+            id,
+            tier: "ssd".into(),
+            replicas,
             bytes: sealed.len,
             chunks: sealed.entries.len() as u64,
+            object_key: String::new(),
         };
-        if session.register {
-            let chunks = sealed
-                .entries
-                .iter()
-                .map(|e| ChunkLocation {
-                    id: e.id.as_bytes().to_vec(),
-                    pack: id,
-                    offset: e.offset,
-                    stored_len: e.stored_len,
-                    raw_len: e.raw_len,
-                })
-                .collect();
-            let pack = PackInfo {
-                id,
-                tier: "ssd".into(),
-                replicas: session.replica_ids.clone(),
-                bytes: sealed.len,
-                chunks: sealed.entries.len() as u64,
-                object_key: String::new(),
-            };
-            self.inner
-                .meta
-                .register_pack(RegisterPackRequest {
-                    pack: Some(pack),
-                    chunks,
-                })
-                .await
-                .map_err(|e| {
-                    Status::unavailable(format!("pack {id} is stored but could not be registered: {e}"))
-                })?;
+        let request = RegisterPackRequest {
+            pack: Some(pack),
+            chunks,
+        };
+        match self.inner.meta.register_pack(request).await {
+            Ok(_) => Ok(()),
+            Err(e) => match self.inner.meta.get_pack(id).await {
+                Ok(_) => Ok(()),
+                Err(_) => Err(Status::unavailable(format!(
+                    "pack {id} is stored but could not be registered: {e}"
+                ))),
+            },
         }
-        Ok(reply)
     }
+}
+
+/// The error of a downstream replica's session (which has ended).
+async fn downstream_error(call: Option<JoinHandle<Result<WritePackReply, Status>>>) -> Status {
+    match call {
+        Some(call) => match call.await {
+            Ok(Err(status)) => status,
+            Ok(Ok(_)) => Status::internal("the next replica ended the session early"),
+            Err(e) => Status::internal(e.to_string()),
+        },
+        None => Status::internal("no downstream replica"),
+    }
+}
+
+/// A status's message with its innermost transport cause ("Connection refused").
+fn status_cause(s: &Status) -> String {
+    let mut msg = s.message().to_string();
+    let mut src = std::error::Error::source(s);
+    while let Some(e) = src {
+        msg = e.to_string();
+        src = e.source();
+    }
+    msg
 }
 
 /// Appends every whole frame in `buf`, verifying each.

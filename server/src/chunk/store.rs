@@ -104,6 +104,38 @@ impl PackStore {
         let _ = std::fs::remove_file(self.open_path(id));
     }
 
+    /// Deletes sealed pack `id` (one that will never be registered).
+    pub fn remove_sealed(&self, id: u64) {
+        if std::fs::remove_file(self.sealed_path(id)).is_ok() {
+            tracing::info!(pack = id, "removed a pack that was never registered");
+        }
+    }
+
+    /// Every sealed pack on this server, with its modification time.
+    pub fn list_sealed(&self) -> io::Result<Vec<(u64, std::time::SystemTime)>> {
+        let mut out = Vec::new();
+        for shard in std::fs::read_dir(&self.dir)? {
+            let shard = shard?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&shard)? {
+                let f = f?;
+                let p = f.path();
+                if p.extension().is_some_and(|e| e == "pack") {
+                    if let Some(id) = p
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .and_then(|s| s.parse().ok())
+                    {
+                        out.push((id, f.metadata()?.modified()?));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Size of sealed pack `id`, if this server has it.
     pub fn size(&self, id: u64) -> Option<u64> {
         std::fs::metadata(self.sealed_path(id)).ok().map(|m| m.len())
@@ -130,6 +162,24 @@ impl PackStore {
         Ok(out)
     }
 
+    /// Bytes a pack session must leave free: 10% of the disk, at most 1 GiB,
+    /// so the metadata (RocksDB, which stops on a full disk) keeps room.
+    pub fn reserve(&self) -> u64 {
+        let (capacity, _) = self.usage();
+        (capacity / 10).min(1 << 30)
+    }
+
+    /// Fails when writing `more` bytes would eat into the [`reserve`](Self::reserve).
+    pub fn check_space(&self, more: u64) -> Result<(), (u64, u64)> {
+        let (capacity, used) = self.usage();
+        let free = capacity.saturating_sub(used);
+        let reserve = self.reserve();
+        if capacity > 0 && free < reserve + more {
+            return Err((free, reserve));
+        }
+        Ok(())
+    }
+
     /// (capacity, used) bytes of the filesystem holding the packs.
     pub fn usage(&self) -> (u64, u64) {
         let Ok(c) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) else {
@@ -145,4 +195,56 @@ impl PackStore {
         let free = st.f_bavail as u64 * frsize;
         (capacity, capacity.saturating_sub(free))
     }
+}
+
+/// How long a sealed pack may stay unregistered before the sweep removes it.
+/// `GRANARY_PACK_GRACE_SECS` overrides the default of 10 minutes (tests use seconds).
+pub fn unregistered_grace() -> std::time::Duration {
+    let secs = std::env::var("GRANARY_PACK_GRACE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    std::time::Duration::from_secs(secs)
+}
+
+/// Removes sealed packs older than `grace` that meta does not list for this
+/// node: copies whose session failed after this replica sealed them, or
+/// whose first replica died before registering. Does nothing when meta
+/// cannot be asked. Returns the packs removed.
+pub async fn sweep_unregistered(
+    store: &PackStore,
+    meta: &granary_client::MetaClient,
+    node_id: u64,
+    grace: std::time::Duration,
+) -> Vec<u64> {
+    let now = std::time::SystemTime::now();
+    let old: Vec<u64> = match store.list_sealed() {
+        Ok(list) => list
+            .into_iter()
+            .filter(|(_, t)| now.duration_since(*t).unwrap_or_default() >= grace)
+            .map(|(id, _)| id)
+            .collect(),
+        Err(e) => {
+            tracing::warn!("cannot list packs for the sweep: {e}");
+            return Vec::new();
+        }
+    };
+    if old.is_empty() {
+        return Vec::new();
+    }
+    let registered: std::collections::HashSet<u64> = match meta.list_packs(Some(node_id), None).await {
+        Ok(packs) => packs.into_iter().map(|p| p.id).collect(),
+        Err(e) => {
+            tracing::debug!("pack sweep skipped, meta unavailable: {e}");
+            return Vec::new();
+        }
+    };
+    let mut removed = Vec::new();
+    for id in old {
+        if !registered.contains(&id) {
+            store.remove_sealed(id);
+            removed.push(id);
+        }
+    }
+    removed
 }

@@ -209,9 +209,8 @@ impl Applier<'_, '_> {
             }
             MetaCommand::RegisterPack { id, pack, chunks } => {
                 if self.r.exists(CF_PACKS, &id.to_be_bytes()).map_err(internal)? {
-                    return Err(MetaError::AlreadyExists(format!(
-                        "pack {id} is already registered"
-                    )));
+                    // A retried registration (the first attempt's reply was lost) is a no-op.
+                    return Ok(MetaReply::Unit);
                 }
                 let keys: Vec<&[u8]> = chunks.iter().map(|(k, _)| k.as_slice()).collect();
                 let present = self.r.exist_many(CF_CHUNKS, &keys).map_err(internal)?;
