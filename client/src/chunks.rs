@@ -55,7 +55,7 @@ struct Inner {
 fn server_err(addr: &str, s: tonic::Status) -> ClientError {
     ClientError::Server {
         code: s.code(),
-        message: format!("chunk server {addr}: {}", crate::meta::transport_message(&s)),
+        message: format!("chunk server {addr}: {}", crate::error::status_cause(&s)),
     }
 }
 

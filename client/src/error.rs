@@ -30,3 +30,15 @@ impl ClientError {
         self.code() == Some(Code::NotFound)
     }
 }
+
+/// A status's message, or for a transport failure its innermost cause
+/// ("Connection refused (os error 111)") rather than tonic's layers of wrapping.
+pub fn status_cause(s: &tonic::Status) -> String {
+    let mut msg = s.message().to_string();
+    let mut src = std::error::Error::source(s);
+    while let Some(e) = src {
+        msg = e.to_string();
+        src = e.source();
+    }
+    msg
+}

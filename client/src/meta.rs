@@ -96,7 +96,7 @@ impl MetaClient {
                 }
                 Err(s) if is_transport(&s) => {
                     tracing::debug!(addr = %self.addrs[i], "server unreachable: {s}");
-                    last = transport_message(&s);
+                    last = crate::error::status_cause(&s);
                 }
                 Err(s) => {
                     return Err(ClientError::Server {
@@ -340,15 +340,4 @@ fn tree_id(b: &[u8]) -> Result<TreeId, ClientError> {
     TreeId::from_slice(b)
         .filter(|_| b.len() == 32)
         .ok_or_else(|| ClientError::Invalid("server sent a malformed tree id".into()))
-}
-
-/// The innermost cause of a transport failure ("Connection refused (os error 111)").
-pub(crate) fn transport_message(s: &Status) -> String {
-    let mut msg = s.message().to_string();
-    let mut src = std::error::Error::source(s);
-    while let Some(e) = src {
-        msg = e.to_string();
-        src = e.source();
-    }
-    msg
 }

@@ -127,7 +127,10 @@ impl ChunkService {
                         .await
                         .map(|r| r.into_inner())
                         .map_err(|s| {
-                            Status::unavailable(format!("replica {next} failed: {}", status_cause(&s)))
+                            Status::unavailable(format!(
+                                "replica {next} failed: {}",
+                                granary_client::error::status_cause(&s)
+                            ))
                         })
                 });
                 (Some(tx), Some(call))
@@ -270,17 +273,6 @@ async fn downstream_error(call: Option<JoinHandle<Result<WritePackReply, Status>
         },
         None => Status::internal("no downstream replica"),
     }
-}
-
-/// A status's message with its innermost transport cause ("Connection refused").
-fn status_cause(s: &Status) -> String {
-    let mut msg = s.message().to_string();
-    let mut src = std::error::Error::source(s);
-    while let Some(e) = src {
-        msg = e.to_string();
-        src = e.source();
-    }
-    msg
 }
 
 /// Appends every whole frame in `buf`, verifying each.

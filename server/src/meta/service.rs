@@ -56,6 +56,11 @@ fn id32(b: &[u8], what: &str) -> Result<[u8; 32], Status> {
         .map_err(|_| Status::invalid_argument(format!("{what} must be 32 bytes, got {}", b.len())))
 }
 
+/// A pack or node id from its big-endian key.
+fn id_of(key: &[u8]) -> u64 {
+    u64::from_be_bytes(key.try_into().unwrap_or_default())
+}
+
 fn dataset_view(name: String, d: &DatasetRecord) -> Dataset {
     Dataset {
         name,
@@ -126,12 +131,7 @@ impl MetaService {
             .into_iter()
             .filter(|(_, n)| n.roles.iter().any(|r| r == "chunk"))
             .filter(|(_, n)| now.saturating_sub(n.last_heartbeat_ms) < CHUNK_SERVER_TIMEOUT_MS)
-            .map(|(k, n)| {
-                node_view(
-                    u64::from_be_bytes(k.as_slice().try_into().unwrap_or_default()),
-                    &n,
-                )
-            })
+            .map(|(k, n)| node_view(id_of(&k), &n))
             .collect();
         if live.is_empty() {
             return Err(Status::failed_precondition(
@@ -445,12 +445,7 @@ impl Meta for MetaService {
             .into_iter()
             .filter(|(_, p)| node.is_none_or(|n| p.replicas.contains(&n)))
             .filter(|(_, p)| tier.as_ref().is_none_or(|t| &p.tier == t))
-            .map(|(k, p)| {
-                pack_view(
-                    u64::from_be_bytes(k.as_slice().try_into().unwrap_or_default()),
-                    &p,
-                )
-            })
+            .map(|(k, p)| pack_view(id_of(&k), &p))
             .collect();
         Ok(Response::new(PackList { packs }))
     }
@@ -484,12 +479,7 @@ impl Meta for MetaService {
             .all::<NodeRecord>(CF_NODES)
             .map_err(internal)?
             .into_iter()
-            .map(|(k, n)| {
-                node_view(
-                    u64::from_be_bytes(k.as_slice().try_into().unwrap_or_default()),
-                    &n,
-                )
-            })
+            .map(|(k, n)| node_view(id_of(&k), &n))
             .collect();
         Ok(Response::new(NodeList { nodes }))
     }
