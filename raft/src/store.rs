@@ -13,9 +13,8 @@
 //! durable only after a WAL sync; a syncer thread syncs once for every append
 //! waiting (group commit), so one fsync covers many entries under load. Each applied entry is one `WriteBatch`
 //! holding the application's writes plus `last_applied` (and the membership
-//! when it changes); the batches of one `apply` call are written in order and
-//! the last with `sync`, which makes every earlier one durable too (the WAL is
-//! ordered). Snapshot installation is crash-safe: see [`snapshot`].
+//! when it changes); the batches of one `apply` call are written in order,
+//! then one WAL sync makes them all durable before any client is answered. Snapshot installation is crash-safe: see [`snapshot`].
 //!
 //! RocksDB calls that write or scan run on tokio's blocking pool, never on the
 //! async workers.
