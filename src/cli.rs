@@ -41,6 +41,8 @@ pub enum Command {
     Umount(UmountArgs),
     /// Warm the local cache with a whole version or some paths of it.
     Prefetch(PrefetchArgs),
+    /// Show a mount's cache counters: hits, misses, bytes fetched, corrupt cache files.
+    CacheStats(CacheStatsArgs),
     /// Cluster administration: status, membership, tiering, GC, scrub.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -206,6 +208,10 @@ pub struct MountArgs {
 pub struct UmountArgs {
     /// The mountpoint to unmount.
     pub mountpoint: PathBuf,
+    /// The cache directory the mount uses: `umount` waits until the mount
+    /// process found there has written its final counters and exited.
+    #[arg(long, default_value = "/var/cache/granary")]
+    pub cache_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -214,8 +220,27 @@ pub struct PrefetchArgs {
     pub version: String,
     /// Paths inside the version to prefetch (default: everything).
     pub paths: Vec<String>,
+    /// Disk cache directory to warm (the one mounts use).
+    #[arg(long, default_value = "/var/cache/granary")]
+    pub cache_dir: PathBuf,
+    /// Disk cache size cap, e.g. 10GiB.
+    #[arg(long, default_value = "10GiB")]
+    pub cache_size: String,
     #[command(flatten)]
     pub server: ServerAddrArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheStatsArgs {
+    /// The mountpoint whose counters to show.
+    pub mountpoint: PathBuf,
+    /// The disk cache directory the mount uses.
+    #[arg(long, default_value = "/var/cache/granary")]
+    pub cache_dir: PathBuf,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Debug, Subcommand)]

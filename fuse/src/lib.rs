@@ -1,9 +1,27 @@
 //! # granary-fuse
 //!
 //! `granary mount DATASET[@N] DIR`: a read-only FUSE filesystem (fuser) over
-//! one immutable dataset version. The filesystem logic (inode table from
-//! trees, reads mapped to chunks, readahead) is kept apart from the thin fuser
-//! adapter so it can be tested against a reference model without FUSE; the
-//! memory and disk chunk caches are shared by every mount on the host.
+//! one immutable dataset version.
 //!
-//! Status: arrives with the FUSE issue.
+//! | module | owns |
+//! |---|---|
+//! | [`source`] | [`Source`]: trees, chunk lists and chunks of a version; the SDK implementation and an in-memory one |
+//! | [`cache`] | [`ChunkCache`]: memory and disk chunk caches keyed by chunk id, fetches in flight, counters |
+//! | [`fs`] | [`GranaryFs`]: inodes, attributes, directories, reads mapped to chunks, sequential readahead |
+//! | [`adapter`] | [`FuseAdapter`]: the thin fuser layer; write-type calls get `EROFS` |
+//! | [`error`] | [`FsError`] and its errno mapping |
+//!
+//! The filesystem logic never sees FUSE, so it is tested against a reference
+//! model without mounting (`fuse/tests/model.rs`); `tests/mount.rs` mounts for real.
+
+pub mod adapter;
+pub mod cache;
+pub mod error;
+pub mod fs;
+pub mod source;
+
+pub use adapter::FuseAdapter;
+pub use cache::{ChunkCache, DiskCache, Stats, StatsSnapshot};
+pub use error::FsError;
+pub use fs::{FsConfig, GranaryFs};
+pub use source::{ClientSource, MemSource, Source};

@@ -5,9 +5,8 @@ pub mod bench;
 mod data;
 mod datasets;
 mod inspect;
+mod mount;
 mod server;
-
-use anyhow::bail;
 
 use crate::cli::{BenchCommand, Cli, Command, InspectCommand};
 
@@ -31,9 +30,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ls(args) => data::ls(&args),
         Command::Diff(args) => data::diff(&args),
         Command::Rm(args) => datasets::rm(&args),
-        Command::Mount(_) => not_yet("mount"),
-        Command::Umount(_) => not_yet("umount"),
-        Command::Prefetch(_) => not_yet("prefetch"),
+        Command::Mount(args) => mount::mount(&args),
+        Command::Umount(args) => mount::umount(&args),
+        Command::Prefetch(args) => mount::prefetch(&args),
+        Command::CacheStats(args) => mount::cache_stats(&args),
         Command::Admin(cmd) => admin::run(cmd),
     }
 }
@@ -43,8 +43,4 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
-}
-
-fn not_yet(command: &str) -> anyhow::Result<()> {
-    bail!("`granary {command}` is not available in this build yet; `granary inspect` and `granary bench` work without a server")
 }

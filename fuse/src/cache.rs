@@ -1,0 +1,788 @@
+//! Chunk caches shared by every mount of a process, keyed by chunk id.
+//!
+//! A read asks [`ChunkCache::get_many`] for the chunks it overlaps. Each chunk
+//! is looked up in the memory cache, then the disk cache, then joined to a
+//! fetch already in flight for it (a prefetch, another reader), and only the
+//! rest is fetched from the [`Source`] in one batch. A batch is a shared
+//! future: every reader waiting for one of its chunks is woken when it lands,
+//! and the batch itself fills the memory cache before it completes.
+//!
+//! Both caches are byte-bounded LRUs ([`Lru`]). The disk cache stores one file
+//! per chunk under `chunks-v1/ab/<id>`; a file is written to `chunks-tmp/`
+//! and renamed into place, so a partial file never has a chunk's name, and
+//! every read re-hashes the file with BLAKE3: a file that does not match its
+//! name is deleted, counted (`corrupt`) and fetched again. Several processes
+//! may share the directory: see [`DiskCache`] for how they keep to one cap.
+//! Fetched chunks reach memory before the batch completes and disk in the
+//! background (reads wait for the disk only when 256 MiB of writes are
+//! queued); [`ChunkCache::flush`] waits for the queue.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use granary_core::{ChunkId, ChunkRef};
+use serde::{Deserialize, Serialize};
+
+use crate::error::FsError;
+use crate::source::Source;
+
+/// A chunk's bytes, shared between caches and readers.
+pub type Bytes = Arc<Vec<u8>>;
+
+/// A least-recently-used map of chunk id to value, bounded by total size.
+pub struct Lru<V> {
+    map: HashMap<ChunkId, (V, u64, u64)>,
+    order: BTreeMap<u64, ChunkId>,
+    tick: u64,
+    total: u64,
+    cap: u64,
+}
+
+impl<V: Clone> Lru<V> {
+    pub fn new(cap: u64) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: BTreeMap::new(),
+            tick: 0,
+            total: 0,
+            cap,
+        }
+    }
+
+    /// The value for `id`, marking it most recently used.
+    pub fn get(&mut self, id: &ChunkId) -> Option<V> {
+        let (v, _, t) = self.map.get_mut(id)?;
+        self.order.remove(t);
+        self.tick += 1;
+        *t = self.tick;
+        self.order.insert(self.tick, *id);
+        Some(v.clone())
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.map.contains_key(id)
+    }
+
+    /// Inserts `id` of `size` bytes and returns what had to go to stay under
+    /// the cap. Nothing is inserted (and nothing evicted) when `size` alone
+    /// exceeds the cap.
+    pub fn insert(&mut self, id: ChunkId, v: V, size: u64) -> Vec<ChunkId> {
+        if size > self.cap {
+            return Vec::new();
+        }
+        self.remove(&id);
+        let mut evicted = Vec::new();
+        while self.total + size > self.cap {
+            let Some((_, old)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some((_, s, _)) = self.map.remove(&old) {
+                self.total -= s;
+            }
+            evicted.push(old);
+        }
+        self.tick += 1;
+        self.order.insert(self.tick, id);
+        self.map.insert(id, (v, size, self.tick));
+        self.total += size;
+        evicted
+    }
+
+    pub fn remove(&mut self, id: &ChunkId) -> bool {
+        match self.map.remove(id) {
+            Some((_, s, t)) => {
+                self.order.remove(&t);
+                self.total -= s;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes and returns the least recently used entry and its size.
+    pub fn pop_oldest(&mut self) -> Option<(ChunkId, u64)> {
+        let (_, id) = self.order.pop_first()?;
+        let (_, size, _) = self.map.remove(&id)?;
+        self.total -= size;
+        Some((id, size))
+    }
+
+    /// Bytes held.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn cap(&self) -> u64 {
+        self.cap
+    }
+}
+
+/// Counters of one mount (or one `prefetch` run).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub mem_hits: AtomicU64,
+    pub disk_hits: AtomicU64,
+    /// Chunks a read needed that were already being fetched (by readahead).
+    pub inflight_hits: AtomicU64,
+    /// Chunks a read needed that had to be fetched.
+    pub misses: AtomicU64,
+    /// Chunks fetched ahead of reads.
+    pub prefetched_chunks: AtomicU64,
+    pub chunks_fetched: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub fetch_errors: AtomicU64,
+    /// Disk cache files that did not match their chunk id (deleted, refetched).
+    pub corrupt: AtomicU64,
+    pub mem_evictions: AtomicU64,
+    pub disk_evictions: AtomicU64,
+    pub reads: AtomicU64,
+    pub bytes_read: AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`] plus cache occupancy, as written to the stats file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    pub mem_hits: u64,
+    pub disk_hits: u64,
+    pub inflight_hits: u64,
+    pub misses: u64,
+    pub prefetched_chunks: u64,
+    pub chunks_fetched: u64,
+    pub bytes_fetched: u64,
+    pub fetch_errors: u64,
+    pub corrupt: u64,
+    pub mem_evictions: u64,
+    pub disk_evictions: u64,
+    pub reads: u64,
+    pub bytes_read: u64,
+    pub mem_bytes: u64,
+    pub mem_cap: u64,
+    pub disk_bytes: u64,
+    pub disk_cap: u64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            mem_hits: g(&self.mem_hits),
+            disk_hits: g(&self.disk_hits),
+            inflight_hits: g(&self.inflight_hits),
+            misses: g(&self.misses),
+            prefetched_chunks: g(&self.prefetched_chunks),
+            chunks_fetched: g(&self.chunks_fetched),
+            bytes_fetched: g(&self.bytes_fetched),
+            fetch_errors: g(&self.fetch_errors),
+            corrupt: g(&self.corrupt),
+            mem_evictions: g(&self.mem_evictions),
+            disk_evictions: g(&self.disk_evictions),
+            reads: g(&self.reads),
+            bytes_read: g(&self.bytes_read),
+            ..Default::default()
+        }
+    }
+}
+
+/// One file per chunk in a directory, bounded by `cap` bytes, shareable by
+/// several processes.
+///
+/// Every process keeps its own LRU order of the files it knows (found at
+/// open, written, or read). The bytes on disk are counted in one shared file,
+/// `chunks-v1.usage`, which is only read and changed under an exclusive
+/// `flock` of `chunks-v1.lock`; so is every file creation and deletion. A
+/// writer first deletes its least recently used files until the new chunk
+/// fits under the cap, then writes it, so the count never exceeds the cap,
+/// whichever processes write. When a writer knows no more files to delete
+/// (others deleted them), it re-indexes the directory. Opening a cache
+/// re-counts the directory, which repairs the count after a crash.
+pub struct DiskCache {
+    chunks: PathBuf,
+    tmp: PathBuf,
+    /// `flock` serializes processes; the mutex the threads of this one
+    /// (they share the descriptor, and a descriptor's flock is not exclusive
+    /// between them).
+    lock: std::fs::File,
+    local: Mutex<()>,
+    /// `chunks-v1.usage`: the byte count, 20 decimal digits, rewritten in place.
+    usage: std::fs::File,
+    cap: u64,
+    /// This process's LRU order of the files it knows; the cap is enforced
+    /// through the shared count, not here.
+    index: Mutex<Lru<()>>,
+    seq: AtomicU64,
+}
+
+/// Holds the cache directory's lock (the mutex, then the `flock`) until dropped.
+struct DirLock<'a>(
+    &'a std::fs::File,
+    #[allow(dead_code)] std::sync::MutexGuard<'a, ()>,
+);
+
+impl Drop for DirLock<'_> {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own; the mutex is released after this.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+impl DiskCache {
+    /// Opens (creating) the cache under `dir`: removes temp files of dead
+    /// processes, indexes the chunk files (oldest first), trims to `cap` and
+    /// re-counts the bytes on disk.
+    pub fn open(dir: &Path, cap: u64) -> Result<Self, FsError> {
+        let chunks = dir.join("chunks-v1");
+        let tmp = dir.join("chunks-tmp");
+        std::fs::create_dir_all(&chunks)?;
+        std::fs::create_dir_all(&tmp)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("chunks-v1.lock"))?;
+        let cache = Self {
+            chunks,
+            tmp,
+            lock,
+            local: Mutex::new(()),
+            usage: std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(dir.join("chunks-v1.usage"))?,
+            cap,
+            index: Mutex::new(Lru::new(u64::MAX)),
+            seq: AtomicU64::new(0),
+        };
+        let lock = cache.locked()?;
+        // Leftovers of processes that died mid-write (`<id>.<pid>.<n>`); a
+        // live process sharing the directory keeps its own.
+        for e in std::fs::read_dir(&cache.tmp)?.flatten() {
+            let name = e.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.split('.').nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            let alive =
+                pid.is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
+            if !alive {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let mut total = cache.reindex();
+        let mut index = cache.index.lock().expect("disk index");
+        while total > cap {
+            let Some((old, len)) = index.pop_oldest() else {
+                break;
+            };
+            if std::fs::remove_file(cache.path(&old)).is_ok() {
+                total -= len;
+            }
+        }
+        drop(index);
+        cache.set_usage(total)?;
+        drop(lock);
+        Ok(cache)
+    }
+
+    /// Indexes every chunk file, oldest (by mtime) first; returns their bytes.
+    fn reindex(&self) -> u64 {
+        let mut found = Vec::new();
+        for sub in std::fs::read_dir(&self.chunks).into_iter().flatten().flatten() {
+            let Ok(rd) = std::fs::read_dir(sub.path()) else {
+                continue;
+            };
+            for f in rd.flatten() {
+                let (Some(id), Ok(md)) = (
+                    f.file_name().to_str().and_then(|n| n.parse::<ChunkId>().ok()),
+                    f.metadata(),
+                ) else {
+                    continue;
+                };
+                found.push((md.modified().ok(), id, md.len()));
+            }
+        }
+        found.sort();
+        let mut index = self.index.lock().expect("disk index");
+        *index = Lru::new(u64::MAX);
+        let mut total = 0;
+        for (_, id, len) in found {
+            index.insert(id, (), len);
+            total += len;
+        }
+        total
+    }
+
+    fn locked(&self) -> Result<DirLock<'_>, FsError> {
+        use std::os::fd::AsRawFd;
+        let local = self.local.lock().expect("disk cache lock");
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(DirLock(&self.lock, local))
+    }
+
+    /// The shared count of bytes on disk (call with the lock held).
+    fn get_usage(&self) -> u64 {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 20];
+        match self.usage.read_exact_at(&mut buf, 0) {
+            Ok(()) => std::str::from_utf8(&buf)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+
+    /// Rewritten in place: replacing the file by a rename would make ext4
+    /// flush it (`auto_da_alloc`), about 1.4 ms per chunk written.
+    fn set_usage(&self, bytes: u64) -> Result<(), FsError> {
+        use std::os::unix::fs::FileExt;
+        self.usage.write_all_at(format!("{bytes:020}").as_bytes(), 0)?;
+        Ok(())
+    }
+
+    /// Where chunk `id` lives.
+    pub fn path(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.chunks.join(&hex[..2]).join(hex)
+    }
+
+    /// Bytes on disk (counted by every process sharing the directory) and the cap.
+    pub fn usage(&self) -> (u64, u64) {
+        let used = self.locked().map(|_l| self.get_usage()).unwrap_or(0);
+        (used, self.cap)
+    }
+
+    /// The verified bytes of `id`, or `None` (missing, unreadable or corrupt;
+    /// a corrupt file is deleted and counted).
+    pub fn get(&self, id: &ChunkId, stats: &Stats) -> Option<Vec<u8>> {
+        let path = self.path(id);
+        let data = std::fs::read(&path).ok()?;
+        if ChunkId::of(&data) != *id {
+            tracing::warn!(chunk = %id, path = %path.display(), "corrupt disk cache file; deleting and refetching");
+            add(&stats.corrupt, 1);
+            if let Ok(_l) = self.locked() {
+                if let Ok(md) = std::fs::metadata(&path) {
+                    if std::fs::remove_file(&path).is_ok() {
+                        let _ = self.set_usage(self.get_usage().saturating_sub(md.len()));
+                    }
+                }
+            }
+            self.index.lock().expect("disk index").remove(id);
+            return None;
+        }
+        let mut index = self.index.lock().expect("disk index");
+        if index.get(id).is_none() {
+            // Written by another process sharing this directory.
+            index.insert(*id, (), data.len() as u64);
+        }
+        Some(data)
+    }
+
+    /// Stores `data` as chunk `id`. The bytes go to a temp file first; then,
+    /// under the directory lock, room is made and the file is renamed into
+    /// place, so the count never exceeds the cap and a partial file never has
+    /// a chunk's name.
+    pub fn put(&self, id: &ChunkId, data: &[u8], stats: &Stats) -> Result<(), FsError> {
+        let size = data.len() as u64;
+        let path = self.path(id);
+        if size > self.cap || path.exists() {
+            return Ok(());
+        }
+        let tmp = self.tmp.join(format!(
+            "{}.{}.{}",
+            id.short(),
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        if let Err(e) = std::fs::write(&tmp, data) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+        let result = self.place(id, &tmp, &path, size, stats);
+        if !matches!(result, Ok(true)) {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map(|_| ())
+    }
+
+    /// Makes room for `size` bytes and renames `tmp` to `path`; false when
+    /// the chunk is not stored (already there, or no room can be made).
+    fn place(
+        &self,
+        id: &ChunkId,
+        tmp: &Path,
+        path: &Path,
+        size: u64,
+        stats: &Stats,
+    ) -> Result<bool, FsError> {
+        let _l = self.locked()?;
+        if path.exists() {
+            self.index.lock().expect("disk index").insert(*id, (), size);
+            return Ok(false);
+        }
+        let mut used = self.get_usage();
+        let mut reindexed = false;
+        while used + size > self.cap {
+            let victim = self.index.lock().expect("disk index").pop_oldest();
+            match victim {
+                Some((old, _)) => {
+                    let p = self.path(&old);
+                    if let Ok(md) = std::fs::metadata(&p) {
+                        if std::fs::remove_file(&p).is_ok() {
+                            used = used.saturating_sub(md.len());
+                            add(&stats.disk_evictions, 1);
+                        }
+                    }
+                }
+                None if !reindexed => {
+                    // Others deleted what we knew of: look again, and recount.
+                    used = self.reindex();
+                    reindexed = true;
+                }
+                None => {
+                    self.set_usage(used)?;
+                    return Ok(false);
+                }
+            }
+        }
+        let renamed = (|| {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::rename(tmp, path)
+        })();
+        if renamed.is_ok() {
+            used += size;
+            self.index.lock().expect("disk index").insert(*id, (), size);
+        }
+        self.set_usage(used)?;
+        renamed?;
+        Ok(true)
+    }
+}
+
+/// Fetched chunks queued for the disk cache before reads wait for the disk: 256 MiB.
+const PENDING_WRITES_KIB: u32 = 256 << 10;
+
+/// A fetch in flight, shared by everyone who needs one of its chunks.
+pub type Batch = Shared<BoxFuture<'static, Result<Arc<Vec<Bytes>>, FsError>>>;
+
+/// Why chunks are wanted: reads count hits and misses, prefetches do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Read,
+    Prefetch,
+}
+
+/// The memory cache, the optional disk cache and the fetches in flight.
+pub struct ChunkCache {
+    mem: Mutex<Lru<Bytes>>,
+    /// Disk writes queued (KiB permits taken by queued writes).
+    pending: Arc<tokio::sync::Semaphore>,
+    disk: Option<DiskCache>,
+    inflight: Mutex<HashMap<ChunkId, (Batch, usize)>>,
+}
+
+impl ChunkCache {
+    pub fn new(mem_cap: u64, disk: Option<DiskCache>) -> Arc<Self> {
+        Arc::new(Self {
+            mem: Mutex::new(Lru::new(mem_cap)),
+            pending: Arc::new(tokio::sync::Semaphore::new(PENDING_WRITES_KIB as usize)),
+            disk,
+            inflight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn disk(&self) -> Option<&DiskCache> {
+        self.disk.as_ref()
+    }
+
+    /// Waits until every queued disk write is done (before exiting, and in tests).
+    pub async fn flush(&self) {
+        let _ = self.pending.acquire_many(PENDING_WRITES_KIB).await;
+    }
+
+    /// Fills cache occupancy into a snapshot.
+    pub fn fill(&self, s: &mut StatsSnapshot) {
+        let m = self.mem.lock().expect("mem cache");
+        s.mem_bytes = m.total();
+        s.mem_cap = m.cap();
+        if let Some(d) = &self.disk {
+            (s.disk_bytes, s.disk_cap) = d.usage();
+        }
+    }
+
+    fn mem_put(&self, id: ChunkId, b: Bytes, stats: &Stats) {
+        let len = b.len() as u64;
+        let evicted = self.mem.lock().expect("mem cache").insert(id, b, len);
+        add(&stats.mem_evictions, evicted.len() as u64);
+    }
+
+    /// True when `id` is in memory or on disk (without reading it).
+    pub fn is_cached(&self, id: &ChunkId) -> bool {
+        self.mem.lock().expect("mem cache").contains(id)
+            || self.disk.as_ref().is_some_and(|d| d.path(id).exists())
+    }
+
+    /// Starts getting every chunk in `want`: chunks in memory are ready,
+    /// chunks already in flight are joined, the rest form one new batch (which
+    /// looks in the disk cache, then fetches what is still missing). Nothing
+    /// runs until the returned slots are awaited ([`Self::get_many`] awaits
+    /// them; readahead spawns a task that does); the batch is registered at
+    /// once, so a read that comes next joins it instead of fetching again.
+    pub fn start(
+        self: &Arc<Self>,
+        source: &Arc<dyn Source>,
+        want: &[ChunkRef],
+        why: Want,
+        stats: &Arc<Stats>,
+    ) -> Vec<Slot> {
+        let read = why == Want::Read;
+        let mut out: Vec<Option<Slot>> = Vec::with_capacity(want.len());
+        let mut missing = Vec::new();
+        {
+            let mut mem = self.mem.lock().expect("mem cache");
+            for (i, c) in want.iter().enumerate() {
+                let hit = mem.get(&c.id);
+                if hit.is_none() {
+                    missing.push(i);
+                }
+                out.push(hit.map(Slot::Ready));
+            }
+        }
+        if read {
+            add(&stats.mem_hits, (want.len() - missing.len()) as u64);
+        }
+        if !missing.is_empty() {
+            let mut inflight = self.inflight.lock().expect("inflight map");
+            // The new batch: its chunks, and which request slot gets which.
+            let mut mine: Vec<ChunkRef> = Vec::new();
+            let mut position: HashMap<ChunkId, usize> = HashMap::new();
+            let mut slots: Vec<(usize, usize)> = Vec::new();
+            for &i in &missing {
+                if let Some((b, k)) = inflight.get(&want[i].id) {
+                    if read {
+                        add(&stats.inflight_hits, 1);
+                    }
+                    out[i] = Some(Slot::Wait(b.clone(), *k));
+                } else {
+                    let k = *position.entry(want[i].id).or_insert_with(|| {
+                        mine.push(want[i]);
+                        mine.len() - 1
+                    });
+                    slots.push((i, k));
+                }
+            }
+            if !mine.is_empty() {
+                let batch = self
+                    .clone()
+                    .batch(source.clone(), mine.clone(), why, stats.clone())
+                    .shared();
+                for (k, c) in mine.iter().enumerate() {
+                    inflight.insert(c.id, (batch.clone(), k));
+                }
+                for (i, k) in slots {
+                    out[i] = Some(Slot::Wait(batch.clone(), k));
+                }
+            }
+        }
+        out.into_iter()
+            .map(|s| s.expect("every slot is resolved"))
+            .collect()
+    }
+
+    /// The bytes of every chunk in `want`, in order.
+    pub async fn get_many(
+        self: &Arc<Self>,
+        source: &Arc<dyn Source>,
+        want: &[ChunkRef],
+        why: Want,
+        stats: &Arc<Stats>,
+    ) -> Result<Vec<Bytes>, FsError> {
+        let slots = self.start(source, want, why, stats);
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
+            out.push(slot.get().await?);
+        }
+        Ok(out)
+    }
+
+    fn batch(
+        self: Arc<Self>,
+        source: Arc<dyn Source>,
+        ids: Vec<ChunkRef>,
+        why: Want,
+        stats: Arc<Stats>,
+    ) -> BoxFuture<'static, Result<Arc<Vec<Bytes>>, FsError>> {
+        async move {
+            let result = self.clone().load(&source, &ids, why, &stats).await;
+            if result.is_err() {
+                add(&stats.fetch_errors, 1);
+            }
+            let mut inflight = self.inflight.lock().expect("inflight map");
+            for c in &ids {
+                inflight.remove(&c.id);
+            }
+            result.map(Arc::new)
+        }
+        .boxed()
+    }
+
+    /// Disk cache, then the source, for `ids`; fills both caches.
+    async fn load(
+        self: Arc<Self>,
+        source: &Arc<dyn Source>,
+        ids: &[ChunkRef],
+        why: Want,
+        stats: &Arc<Stats>,
+    ) -> Result<Vec<Bytes>, FsError> {
+        let read = why == Want::Read;
+        let mut got: Vec<Option<Bytes>> = vec![None; ids.len()];
+        if self.disk.is_some() {
+            let this = self.clone();
+            let list: Vec<ChunkId> = ids.iter().map(|c| c.id).collect();
+            let st = stats.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                let disk = this.disk.as_ref().expect("disk cache");
+                list.iter()
+                    .map(|id| disk.get(id, &st).map(Arc::new))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| FsError::Io(format!("disk cache task: {e}")))?;
+            for (i, b) in found.into_iter().enumerate() {
+                if let Some(b) = b {
+                    if read {
+                        add(&stats.disk_hits, 1);
+                    }
+                    self.mem_put(ids[i].id, b.clone(), stats);
+                    got[i] = Some(b);
+                }
+            }
+        }
+        let missing: Vec<usize> = (0..ids.len()).filter(|&i| got[i].is_none()).collect();
+        if !missing.is_empty() {
+            add(
+                if read {
+                    &stats.misses
+                } else {
+                    &stats.prefetched_chunks
+                },
+                missing.len() as u64,
+            );
+            let just: Vec<ChunkId> = missing.iter().map(|&i| ids[i].id).collect();
+            let raws = source.fetch(&just).await?;
+            if raws.len() != just.len()
+                || raws
+                    .iter()
+                    .zip(&missing)
+                    .any(|(r, &i)| r.len() != ids[i].len as usize)
+            {
+                return Err(FsError::Remote(
+                    "the cluster returned chunks of the wrong size".into(),
+                ));
+            }
+            add(&stats.chunks_fetched, raws.len() as u64);
+            add(&stats.bytes_fetched, raws.iter().map(|b| b.len() as u64).sum());
+            let mut items = Vec::with_capacity(raws.len());
+            for (raw, &i) in raws.into_iter().zip(&missing) {
+                let b = Arc::new(raw);
+                self.mem_put(ids[i].id, b.clone(), stats);
+                items.push((ids[i].id, b.clone()));
+                got[i] = Some(b);
+            }
+            if self.disk.is_some() {
+                // Written in the background: a read does not wait for the
+                // disk, unless more than PENDING_WRITES are already queued.
+                let kib: u64 = items
+                    .iter()
+                    .map(|(_, b)| b.len() as u64)
+                    .sum::<u64>()
+                    .div_ceil(1024);
+                let permit = self
+                    .pending
+                    .clone()
+                    .acquire_many_owned(kib.min(PENDING_WRITES_KIB as u64) as u32)
+                    .await
+                    .map_err(|e| FsError::Io(format!("disk cache writer: {e}")))?;
+                let this = self.clone();
+                let st = stats.clone();
+                tokio::task::spawn_blocking(move || {
+                    let disk = this.disk.as_ref().expect("disk cache");
+                    for (id, b) in items {
+                        if let Err(e) = disk.put(&id, &b, &st) {
+                            tracing::warn!(chunk = %id, "cannot write the disk cache: {e}");
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+        }
+        Ok(got.into_iter().map(|b| b.expect("filled")).collect())
+    }
+}
+
+/// One chunk being got: ready, or waiting on a batch.
+pub enum Slot {
+    Ready(Bytes),
+    Wait(Batch, usize),
+}
+
+impl Slot {
+    pub async fn get(self) -> Result<Bytes, FsError> {
+        match self {
+            Slot::Ready(b) => Ok(b),
+            Slot::Wait(batch, k) => Ok(batch.await?[k].clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId::of(&[n])
+    }
+
+    #[test]
+    fn lru_evicts_least_recently_used_within_its_cap() {
+        let mut l = Lru::new(10);
+        assert!(l.insert(id(1), (), 4).is_empty());
+        assert!(l.insert(id(2), (), 4).is_empty());
+        assert!(l.get(&id(1)).is_some()); // 2 is now the oldest
+        assert_eq!(l.insert(id(3), (), 4), vec![id(2)]);
+        assert_eq!((l.total(), l.len()), (8, 2));
+        assert!(
+            l.insert(id(4), (), 11).is_empty(),
+            "too big: not inserted, nothing evicted"
+        );
+        assert!(!l.contains(&id(4)));
+        assert_eq!(l.insert(id(5), (), 10), vec![id(1), id(3)]);
+        assert_eq!(l.total(), 10);
+        assert!(l.remove(&id(5)) && l.is_empty() && l.total() == 0);
+        // Re-inserting replaces, it does not double count.
+        l.insert(id(6), (), 3);
+        l.insert(id(6), (), 5);
+        assert_eq!(l.total(), 5);
+    }
+}

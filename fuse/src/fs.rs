@@ -1,0 +1,560 @@
+//! [`GranaryFs`]: the filesystem logic of a mount, without FUSE.
+//!
+//! Inodes are numbered by a hash of their path in the version (the root is
+//! 1), so the same version gets the same numbers on every mount; a path whose
+//! number is taken by another path (a 63-bit hash collision) probes the next
+//! free number. Inodes are created on lookup and readdir and kept for the
+//! life of the mount (a version is immutable, so nothing is ever stale).
+//!
+//! Reads map a byte range to the chunks it overlaps (binary search over the
+//! chunk end offsets) and get them through the [`ChunkCache`]. Each open file
+//! handle has a readahead state: a read that starts where the previous one
+//! ended extends a sequential streak; from the second sequential read on, the
+//! chunks after the read are prefetched in a window that doubles per read up
+//! to a per-handle cap, in batches, and only while the prefetch bytes in
+//! flight over the whole mount stay below a global cap. A read anywhere else
+//! resets the window to zero, so random access prefetches nothing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use granary_core::tree::{EntryData, Timestamp};
+use granary_core::{ChunkRef, EntryKind, TreeEntry, TreeId};
+use tokio::sync::OnceCell;
+
+use crate::cache::{Bytes, ChunkCache, Stats, Want};
+use crate::error::FsError;
+use crate::source::Source;
+
+/// The root directory's inode number.
+pub const ROOT_INO: u64 = 1;
+
+/// Tunables of one mount.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// First readahead window of a sequential streak.
+    pub readahead_initial: u64,
+    /// Largest readahead window of one handle.
+    pub readahead_max: u64,
+    /// Prefetch bytes in flight over the whole mount.
+    pub readahead_global: u64,
+    /// Largest batch of chunks one prefetch fetch asks for.
+    pub prefetch_batch: u64,
+    /// Owner reported for every inode.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        Self {
+            readahead_initial: 1 << 20,
+            readahead_max: 64 << 20,
+            readahead_global: 512 << 20,
+            prefetch_batch: 4 << 20,
+            uid: 0,
+            gid: 0,
+        }
+    }
+}
+
+/// The three kinds of inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+}
+
+/// What `getattr` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    /// Permission bits (`mode & 0o7777`).
+    pub perm: u16,
+    pub mtime: Timestamp,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A file's chunks and where each ends.
+pub struct Layout {
+    pub chunks: Vec<ChunkRef>,
+    pub ends: Vec<u64>,
+}
+
+impl Layout {
+    fn new(chunks: Vec<ChunkRef>) -> Self {
+        let mut end = 0;
+        let ends = chunks
+            .iter()
+            .map(|c| {
+                end += c.len as u64;
+                end
+            })
+            .collect();
+        Self { chunks, ends }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.ends.last().copied().unwrap_or(0)
+    }
+
+    /// Indexes of the chunks overlapping `[from, to)`.
+    pub fn span(&self, from: u64, to: u64) -> std::ops::Range<usize> {
+        if from >= to {
+            return 0..0;
+        }
+        let first = self.ends.partition_point(|&e| e <= from);
+        let last = self.ends.partition_point(|&e| e < to);
+        first..(last + 1).min(self.chunks.len())
+    }
+
+    /// Where chunk `i` starts.
+    pub fn start(&self, i: usize) -> u64 {
+        if i == 0 {
+            0
+        } else {
+            self.ends[i - 1]
+        }
+    }
+}
+
+struct Inode {
+    ino: u64,
+    parent: u64,
+    path: Vec<u8>,
+    node: NodeData,
+    layout: OnceCell<Arc<Layout>>,
+}
+
+enum NodeData {
+    Root(TreeId, Timestamp),
+    Entry(TreeEntry),
+}
+
+impl Inode {
+    fn kind(&self) -> Kind {
+        match &self.node {
+            NodeData::Root(..) => Kind::Dir,
+            NodeData::Entry(e) => match e.kind() {
+                EntryKind::Dir => Kind::Dir,
+                EntryKind::File => Kind::File,
+                EntryKind::Symlink => Kind::Symlink,
+            },
+        }
+    }
+
+    fn dir_tree(&self) -> Option<TreeId> {
+        match &self.node {
+            NodeData::Root(t, _) => Some(*t),
+            NodeData::Entry(TreeEntry {
+                data: EntryData::Dir { tree },
+                ..
+            }) => Some(*tree),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Readahead {
+    /// Where a sequential read would start.
+    next: u64,
+    /// Consecutive sequential reads.
+    streak: u32,
+    window: u64,
+    /// Prefetch has been issued up to here.
+    issued_to: u64,
+}
+
+struct Handle {
+    layout: Arc<Layout>,
+    ra: Mutex<Readahead>,
+}
+
+/// One mounted version.
+pub struct GranaryFs {
+    source: Arc<dyn Source>,
+    cache: Arc<ChunkCache>,
+    stats: Arc<Stats>,
+    cfg: FsConfig,
+    inodes: RwLock<HashMap<u64, Arc<Inode>>>,
+    /// (parent ino, name) -> ino.
+    names: RwLock<HashMap<(u64, Vec<u8>), u64>>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    prefetch_inflight: Arc<AtomicU64>,
+}
+
+fn ino_of(path: &[u8]) -> u64 {
+    let h = blake3::hash(path);
+    let n = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) >> 1;
+    n.max(ROOT_INO + 1)
+}
+
+impl GranaryFs {
+    pub fn new(source: Arc<dyn Source>, cache: Arc<ChunkCache>, cfg: FsConfig) -> Arc<Self> {
+        let mtime_ms = source.root_mtime_ms();
+        let root = Arc::new(Inode {
+            ino: ROOT_INO,
+            parent: ROOT_INO,
+            path: Vec::new(),
+            node: NodeData::Root(
+                source.root(),
+                Timestamp {
+                    secs: (mtime_ms / 1000) as i64,
+                    nanos: (mtime_ms % 1000) as u32 * 1_000_000,
+                },
+            ),
+            layout: OnceCell::new(),
+        });
+        Arc::new(Self {
+            source,
+            cache,
+            stats: Arc::default(),
+            cfg,
+            inodes: RwLock::new(HashMap::from([(ROOT_INO, root)])),
+            names: RwLock::default(),
+            handles: RwLock::default(),
+            next_fh: AtomicU64::new(1),
+            prefetch_inflight: Arc::default(),
+        })
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    fn inode(&self, ino: u64) -> Result<Arc<Inode>, FsError> {
+        self.inodes
+            .read()
+            .expect("inode table")
+            .get(&ino)
+            .cloned()
+            .ok_or(FsError::NotFound)
+    }
+
+    /// The inode of `entry` inside directory `parent`, created on first use.
+    fn child(&self, parent: &Inode, entry: &TreeEntry) -> Arc<Inode> {
+        let key = (parent.ino, entry.name.clone());
+        if let Some(ino) = self.names.read().expect("name table").get(&key) {
+            return self.inode(*ino).expect("named inode exists");
+        }
+        let mut path = parent.path.clone();
+        path.push(b'/');
+        path.extend_from_slice(&entry.name);
+        let mut inodes = self.inodes.write().expect("inode table");
+        let mut names = self.names.write().expect("name table");
+        if let Some(ino) = names.get(&key) {
+            return inodes[ino].clone();
+        }
+        let mut ino = ino_of(&path);
+        while inodes.contains_key(&ino) {
+            ino = ino.wrapping_add(1).max(ROOT_INO + 1);
+        }
+        let inode = Arc::new(Inode {
+            ino,
+            parent: parent.ino,
+            path,
+            node: NodeData::Entry(entry.clone()),
+            layout: OnceCell::new(),
+        });
+        inodes.insert(ino, inode.clone());
+        names.insert(key, ino);
+        inode
+    }
+
+    fn attr_of(&self, inode: &Inode) -> Attr {
+        let (size, perm, mtime) = match &inode.node {
+            NodeData::Root(_, t) => (0, 0o755, *t),
+            NodeData::Entry(e) => (e.size(), (e.mode & 0o7777) as u16, e.mtime),
+        };
+        let kind = inode.kind();
+        Attr {
+            ino: inode.ino,
+            kind,
+            size,
+            perm,
+            mtime,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            uid: self.cfg.uid,
+            gid: self.cfg.gid,
+        }
+    }
+
+    pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        Ok(self.attr_of(&*self.inode(ino)?))
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        let dir = self.inode(parent)?;
+        let tree = self.source.tree(dir.dir_tree().ok_or(FsError::NotDir)?).await?;
+        let entry = tree.get(name).ok_or(FsError::NotFound)?;
+        Ok(self.attr_of(&self.child(&dir, entry)))
+    }
+
+    /// The entries of directory `ino` (without `.` and `..`), sorted by name.
+    pub async fn readdir(&self, ino: u64) -> Result<Vec<(Vec<u8>, Attr)>, FsError> {
+        self.readdir_page(ino, 0, usize::MAX).await
+    }
+
+    /// At most `max` entries of directory `ino` from entry number `start` on
+    /// (a page of a listing: only these get inodes now, so listing a huge
+    /// directory page by page stays linear).
+    pub async fn readdir_page(
+        &self,
+        ino: u64,
+        start: usize,
+        max: usize,
+    ) -> Result<Vec<(Vec<u8>, Attr)>, FsError> {
+        let dir = self.inode(ino)?;
+        let tree = self.source.tree(dir.dir_tree().ok_or(FsError::NotDir)?).await?;
+        Ok(tree
+            .entries()
+            .iter()
+            .skip(start)
+            .take(max)
+            .map(|e| (e.name.clone(), self.attr_of(&self.child(&dir, e))))
+            .collect())
+    }
+
+    /// The parent of directory `ino` (the root is its own parent).
+    pub fn parent_of(&self, ino: u64) -> u64 {
+        self.inode(ino).map(|i| i.parent).unwrap_or(ROOT_INO)
+    }
+
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        match &self.inode(ino)?.node {
+            NodeData::Entry(TreeEntry {
+                data: EntryData::Symlink { target },
+                ..
+            }) => Ok(target.clone()),
+            _ => Err(FsError::Invalid("not a symlink".into())),
+        }
+    }
+
+    async fn layout(&self, inode: &Inode) -> Result<Arc<Layout>, FsError> {
+        let NodeData::Entry(entry) = &inode.node else {
+            return Err(FsError::IsDir);
+        };
+        match inode.kind() {
+            Kind::File => {}
+            Kind::Dir => return Err(FsError::IsDir),
+            Kind::Symlink => return Err(FsError::Invalid("a symlink".into())),
+        }
+        inode
+            .layout
+            .get_or_try_init(|| async {
+                let list = self.source.chunk_list(entry).await?;
+                let layout = Layout::new(list);
+                if layout.size() != entry.size() {
+                    return Err(FsError::Remote(format!(
+                        "chunk list of '{}' does not match its size",
+                        String::from_utf8_lossy(&inode.path)
+                    )));
+                }
+                Ok(Arc::new(layout))
+            })
+            .await
+            .cloned()
+    }
+
+    /// Opens file `ino` and returns a handle. A file of at most one chunk is
+    /// fetched whole here.
+    pub async fn open(&self, ino: u64) -> Result<u64, FsError> {
+        let inode = self.inode(ino)?;
+        let layout = self.layout(&inode).await?;
+        if layout.chunks.len() == 1 {
+            self.cache
+                .get_many(&self.source, &layout.chunks, Want::Read, &self.stats)
+                .await?;
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().expect("handle table").insert(
+            fh,
+            Arc::new(Handle {
+                layout,
+                ra: Mutex::default(),
+            }),
+        );
+        Ok(fh)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.write().expect("handle table").remove(&fh);
+    }
+
+    /// Open handles (for tests).
+    pub fn open_handles(&self) -> usize {
+        self.handles.read().expect("handle table").len()
+    }
+
+    /// Reads up to `size` bytes at `offset` through handle `fh` (short at EOF).
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let h = self
+            .handles
+            .read()
+            .expect("handle table")
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| FsError::Invalid(format!("no open file handle {fh}")))?;
+        let file_size = h.layout.size();
+        let end = offset.saturating_add(size as u64).min(file_size);
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        self.readahead(&h, offset, end);
+        let span = h.layout.span(offset, end);
+        let first = span.start;
+        let chunks = self
+            .cache
+            .get_many(&self.source, &h.layout.chunks[span], Want::Read, &self.stats)
+            .await?;
+        let out = assemble(&h.layout, first, &chunks, offset, end);
+        self.stats
+            .bytes_read
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Updates the handle's readahead state for a read of `[offset, end)` and
+    /// starts prefetching when the read continues a sequential streak.
+    fn readahead(&self, h: &Handle, offset: u64, end: u64) {
+        let layout = &h.layout;
+        let (from, to) = {
+            let mut ra = h.ra.lock().expect("readahead state");
+            if offset == ra.next {
+                ra.streak += 1;
+            } else {
+                *ra = Readahead::default();
+            }
+            ra.next = end;
+            if ra.streak < 2 {
+                return;
+            }
+            ra.window = if ra.window == 0 {
+                self.cfg.readahead_initial
+            } else {
+                (ra.window * 2).min(self.cfg.readahead_max)
+            };
+            let to = end.saturating_add(ra.window).min(layout.size());
+            let from = ra.issued_to.max(end);
+            // Issue in steps of at least half a window so every read does not start a tiny fetch.
+            if to <= from || (to - from < ra.window / 2 && to < layout.size()) {
+                return;
+            }
+            let bytes = to - from;
+            let inflight = self.prefetch_inflight.load(Ordering::Relaxed);
+            if inflight + bytes > self.cfg.readahead_global {
+                return;
+            }
+            ra.issued_to = to;
+            (from, to)
+        };
+        let span = layout.span(from, to);
+        // Skip chunks the current read already asks for.
+        let skip = layout.span(offset, end).end;
+        let mut batch: Vec<ChunkRef> = Vec::new();
+        let mut batch_bytes = 0u64;
+        for i in span.start.max(skip)..span.end {
+            let c = layout.chunks[i];
+            batch.push(c);
+            batch_bytes += c.len as u64;
+            if batch_bytes >= self.cfg.prefetch_batch {
+                self.spawn_prefetch(std::mem::take(&mut batch), batch_bytes);
+                batch_bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            self.spawn_prefetch(batch, batch_bytes);
+        }
+    }
+
+    fn spawn_prefetch(&self, chunks: Vec<ChunkRef>, bytes: u64) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (cache, source, stats, inflight) = (
+            self.cache.clone(),
+            self.source.clone(),
+            self.stats.clone(),
+            self.prefetch_inflight.clone(),
+        );
+        inflight.fetch_add(bytes, Ordering::Relaxed);
+        // Registered now, so the next read joins these fetches.
+        let slots = cache.start(&source, &chunks, Want::Prefetch, &stats);
+        rt.spawn(async move {
+            for slot in slots {
+                if let Err(e) = slot.get().await {
+                    tracing::debug!("prefetch failed (a read will retry): {e}");
+                    break;
+                }
+            }
+            inflight.fetch_sub(bytes, Ordering::Relaxed);
+        });
+    }
+
+    /// Prefetch bytes in flight now (for tests).
+    pub fn prefetch_inflight(&self) -> u64 {
+        self.prefetch_inflight.load(Ordering::Relaxed)
+    }
+
+    /// Every chunk of the file at inode `ino` (for `granary prefetch`).
+    pub async fn chunks_of(&self, ino: u64) -> Result<Vec<ChunkRef>, FsError> {
+        Ok(self.layout(&*self.inode(ino)?).await?.chunks.clone())
+    }
+}
+
+/// Copies `[offset, end)` out of chunks `first..` of `layout`.
+fn assemble(layout: &Layout, first: usize, chunks: &[Bytes], offset: u64, end: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity((end - offset) as usize);
+    for (k, data) in chunks.iter().enumerate() {
+        let start = layout.start(first + k);
+        let from = offset.saturating_sub(start) as usize;
+        let to = ((end - start) as usize).min(data.len());
+        out.extend_from_slice(&data[from..to]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use granary_core::ChunkId;
+
+    #[test]
+    fn span_maps_byte_ranges_to_chunks() {
+        let c = |n: u32| ChunkRef {
+            id: ChunkId::of(&n.to_le_bytes()),
+            len: n,
+        };
+        let l = Layout::new(vec![c(10), c(5), c(20)]); // [0,10) [10,15) [15,35)
+        assert_eq!(l.size(), 35);
+        assert_eq!(l.span(0, 1), 0..1);
+        assert_eq!(l.span(9, 11), 0..2);
+        assert_eq!(l.span(10, 15), 1..2);
+        assert_eq!(l.span(14, 16), 1..3);
+        assert_eq!(l.span(0, 35), 0..3);
+        assert_eq!(l.span(34, 100), 2..3);
+        assert_eq!(l.span(5, 5), 0..0);
+        assert_eq!((l.start(0), l.start(1), l.start(2)), (0, 10, 15));
+        assert_eq!(Layout::new(vec![]).span(0, 10), 0..0);
+    }
+
+    #[test]
+    fn inode_numbers_are_a_function_of_the_path() {
+        assert_eq!(ino_of(b"/a/b"), ino_of(b"/a/b"));
+        assert_ne!(ino_of(b"/a/b"), ino_of(b"/a/c"));
+        assert!(ino_of(b"/x") > ROOT_INO && ino_of(b"/x") < 1 << 63);
+    }
+}

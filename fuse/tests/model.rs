@@ -1,0 +1,542 @@
+//! The filesystem logic ([`GranaryFs`]) against a reference model, without FUSE.
+//!
+//! A random version (directories, files cut into random chunks, symlinks) is
+//! built both as a plain map of path -> content (the model) and as trees and
+//! chunks in a [`MemSource`]. The filesystem must list, look up, stat,
+//! readlink and read (random offsets and lengths, across chunk boundaries,
+//! at and past EOF) exactly what the model holds, through a memory and a disk
+//! cache small enough to evict all the time, whose size caps must hold after
+//! every operation. Further tests cover corrupt cache files, a warm disk
+//! cache, readahead on sequential and random reads, fetch failures and
+//! concurrent readers.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use granary_core::tree::{file_content, EntryData, Timestamp};
+use granary_core::{Tree, TreeEntry, TreeId};
+use granary_fuse::cache::Want;
+use granary_fuse::fs::{Kind, ROOT_INO};
+use granary_fuse::{ChunkCache, DiskCache, FsConfig, FsError, GranaryFs, MemSource, Source};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum M {
+    Dir(u32),
+    File(Vec<u8>, u32),
+    Link(Vec<u8>),
+}
+
+/// A random version: path ("a/b") -> node, every parent present.
+fn model(seed: u64, max_entries: usize) -> BTreeMap<String, M> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut m = BTreeMap::new();
+    let mut dirs = vec![String::new()];
+    for _ in 0..rng.usize(1..=max_entries) {
+        let parent = dirs[rng.usize(..dirs.len())].clone();
+        let name = format!(
+            "{}{}",
+            ["a", "b", "c", "dd", "e e", "f.bin"][rng.usize(..6)],
+            rng.u8(..20)
+        );
+        let path = if parent.is_empty() {
+            name
+        } else {
+            format!("{parent}/{name}")
+        };
+        if m.contains_key(&path) {
+            continue;
+        }
+        let node = match rng.u8(..10) {
+            0..=2 => {
+                dirs.push(path.clone());
+                M::Dir([0o755, 0o700, 0o555][rng.usize(..3)])
+            }
+            3 => M::Link(format!("../target{}", rng.u16(..)).into_bytes()),
+            _ => {
+                let len = match rng.u8(..4) {
+                    0 => rng.usize(..3),
+                    1 => rng.usize(..300),
+                    _ => rng.usize(..5000),
+                };
+                let data: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+                M::File(data, [0o644, 0o600, 0o755, 0o444][rng.usize(..4)])
+            }
+        };
+        m.insert(path, node);
+    }
+    m
+}
+
+fn mtime(path: &str) -> Timestamp {
+    Timestamp {
+        secs: 1_600_000_000 + path.len() as i64,
+        nanos: 123,
+    }
+}
+
+/// Builds the trees and chunks of directory `dir` of the model; returns its tree id.
+fn build_dir(src: &mut MemSource, m: &BTreeMap<String, M>, dir: &str, rng: &mut fastrand::Rng) -> TreeId {
+    let prefix = if dir.is_empty() {
+        String::new()
+    } else {
+        format!("{dir}/")
+    };
+    let mut entries = Vec::new();
+    for (path, node) in m.range(prefix.clone()..) {
+        if !path.starts_with(&prefix) {
+            break;
+        }
+        let name = &path[prefix.len()..];
+        if name.contains('/') {
+            continue;
+        }
+        let (mode, data) = match node {
+            M::Dir(mode) => (
+                *mode,
+                EntryData::Dir {
+                    tree: build_dir(src, m, path, rng),
+                },
+            ),
+            M::Link(t) => (0o777, EntryData::Symlink { target: t.clone() }),
+            M::File(bytes, mode) => {
+                let mut chunks = Vec::new();
+                let mut pos = 0;
+                while pos < bytes.len() {
+                    let n = rng.usize(1..=700).min(bytes.len() - pos);
+                    chunks.push(src.add_chunk(&bytes[pos..pos + n]));
+                    pos += n;
+                }
+                let (content, spilled) = file_content(chunks.clone());
+                if let Some((id, _)) = spilled {
+                    src.lists.insert(id, chunks);
+                }
+                (
+                    *mode,
+                    EntryData::File {
+                        size: bytes.len() as u64,
+                        content,
+                    },
+                )
+            }
+        };
+        entries.push(TreeEntry {
+            name: name.as_bytes().to_vec(),
+            mode,
+            mtime: mtime(path),
+            data,
+        });
+    }
+    src.add_tree(Tree::new(entries).expect("valid tree"))
+}
+
+fn source_of(m: &BTreeMap<String, M>, seed: u64) -> MemSource {
+    let mut src = MemSource::default();
+    let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed);
+    src.root = build_dir(&mut src, m, "", &mut rng);
+    src
+}
+
+fn disk_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let Ok(rd) = std::fs::read_dir(dir.join("chunks-v1")) else {
+        return 0;
+    };
+    for sub in rd.flatten() {
+        for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
+            total += f.metadata().unwrap().len();
+        }
+    }
+    total
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn mount(src: MemSource, mem: u64, dir: &Path, disk: u64, cfg: FsConfig) -> (Arc<GranaryFs>, Arc<MemSource>) {
+    let src = Arc::new(src);
+    let cache = ChunkCache::new(mem, Some(DiskCache::open(dir, disk).unwrap()));
+    let dyn_src: Arc<dyn Source> = src.clone();
+    (GranaryFs::new(dyn_src, cache, cfg), src)
+}
+
+/// Walks the filesystem: path -> (ino, attr kind, size, perm).
+async fn walk(fs: &GranaryFs) -> BTreeMap<String, (u64, Kind, u64, u16)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(ROOT_INO, String::new())];
+    while let Some((ino, path)) = stack.pop() {
+        for (name, a) in fs.readdir(ino).await.unwrap() {
+            let name = String::from_utf8(name).unwrap();
+            let p = if path.is_empty() {
+                name.clone()
+            } else {
+                format!("{path}/{name}")
+            };
+            let looked = fs.lookup(ino, name.as_bytes()).await.unwrap();
+            assert_eq!(looked, a, "lookup and readdir disagree on {p}");
+            assert_eq!(fs.getattr(a.ino).await.unwrap(), a);
+            assert_eq!(a.mtime, mtime(&p));
+            if a.kind == Kind::Dir {
+                assert_eq!(fs.parent_of(a.ino), ino);
+                stack.push((a.ino, p.clone()));
+            }
+            out.insert(p, (a.ino, a.kind, a.size, a.perm));
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn filesystem_matches_model(seed in any::<u64>(), reads in prop::collection::vec((any::<u64>(), 0u32..9000), 1..40)) {
+        let m = model(seed, 40);
+        let tmp = tempfile::tempdir().unwrap();
+        let disk_cap = 6000;
+        let (fs, _src) = mount(source_of(&m, seed), 3000, tmp.path(), disk_cap, FsConfig::default());
+        rt().block_on(async {
+            let seen = walk(&fs).await;
+            let names: Vec<&String> = seen.keys().collect();
+            let want: Vec<&String> = m.keys().collect();
+            assert_eq!(names, want);
+            for (path, node) in &m {
+                let (ino, kind, size, perm) = seen[path];
+                match node {
+                    M::Dir(mode) => assert_eq!((kind, perm), (Kind::Dir, *mode as u16), "{path}"),
+                    M::Link(t) => {
+                        assert_eq!((kind, size), (Kind::Symlink, t.len() as u64), "{path}");
+                        assert_eq!(&fs.readlink(ino).await.unwrap(), t);
+                        assert!(matches!(fs.open(ino).await, Err(FsError::Invalid(_))));
+                    }
+                    M::File(data, mode) => {
+                        assert_eq!((kind, size, perm), (Kind::File, data.len() as u64, *mode as u16), "{path}");
+                        assert!(matches!(fs.readdir(ino).await, Err(FsError::NotDir)));
+                        let fh = fs.open(ino).await.unwrap();
+                        for (off, len) in &reads {
+                            let off = off % (data.len() as u64 + 100);
+                            let got = fs.read(fh, off, *len).await.unwrap();
+                            let from = (off as usize).min(data.len());
+                            let to = (from + *len as usize).min(data.len());
+                            assert_eq!(got, &data[from..to], "{path} at {off}+{len}");
+                            let (used, _) = fs.cache().disk().unwrap().usage();
+                            assert!(used <= disk_cap, "disk cache over its cap");
+                        }
+                        // Sequential reads of the whole file in odd sizes.
+                        let mut whole = Vec::new();
+                        while whole.len() < data.len() {
+                            let got = fs.read(fh, whole.len() as u64, 333).await.unwrap();
+                            assert!(!got.is_empty());
+                            whole.extend(got);
+                        }
+                        assert_eq!(&whole, data);
+                        assert!(fs.read(fh, data.len() as u64, 10).await.unwrap().is_empty());
+                        fs.release(fh);
+                    }
+                }
+            }
+            fs.cache().flush().await;
+            let on_disk = disk_bytes(tmp.path());
+            assert!(on_disk <= disk_cap);
+            assert_eq!(fs.cache().disk().unwrap().usage().0, on_disk);
+            assert!(matches!(fs.lookup(ROOT_INO, b"no-such-name").await, Err(FsError::NotFound)));
+            assert!(matches!(fs.open(ROOT_INO).await, Err(FsError::IsDir)));
+            assert_eq!(fs.open_handles(), 0);
+            assert_eq!(fs.stats().snapshot().corrupt, 0);
+            // Inode numbers are a function of the version: a second mount agrees.
+            let tmp2 = tempfile::tempdir().unwrap();
+            let (fs2, _) = mount(source_of(&m, seed), 1 << 20, tmp2.path(), 1 << 20, FsConfig::default());
+            assert_eq!(walk(&fs2).await, seen);
+        });
+    }
+}
+
+/// One file of `len` random bytes in chunks of `chunk` bytes.
+fn one_file(len: usize, chunk: usize) -> (MemSource, Vec<u8>) {
+    let mut rng = fastrand::Rng::with_seed(len as u64);
+    let data: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+    let mut src = MemSource::default();
+    let chunks: Vec<_> = data.chunks(chunk).map(|c| src.add_chunk(c)).collect();
+    let (content, spilled) = file_content(chunks.clone());
+    if let Some((id, _)) = spilled {
+        src.lists.insert(id, chunks);
+    }
+    let entry = TreeEntry {
+        name: b"f".to_vec(),
+        mode: 0o644,
+        mtime: Timestamp::default(),
+        data: EntryData::File {
+            size: len as u64,
+            content,
+        },
+    };
+    src.root = src.add_tree(Tree::new(vec![entry]).unwrap());
+    (src, data)
+}
+
+#[test]
+fn corrupt_disk_cache_file_is_deleted_and_refetched() {
+    let (src, data) = one_file(50_000, 4096);
+    let tmp = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (fs, src) = mount(src, 0, tmp.path(), 1 << 20, FsConfig::default());
+        let ino = fs.lookup(ROOT_INO, b"f").await.unwrap().ino;
+        let fh = fs.open(ino).await.unwrap();
+        assert_eq!(fs.read(fh, 0, 60_000).await.unwrap(), data);
+        let fetched = src.chunks_fetched.load(Ordering::Relaxed);
+        assert_eq!(fetched, 13);
+        fs.cache().flush().await;
+        // Damage one cached chunk (same length, one bit flipped) and truncate another.
+        let chunks = fs.chunks_of(ino).await.unwrap();
+        let disk = fs.cache().disk().unwrap();
+        let p0 = disk.path(&chunks[0].id);
+        let mut bytes = std::fs::read(&p0).unwrap();
+        bytes[7] ^= 1;
+        std::fs::write(&p0, bytes).unwrap();
+        let p5 = disk.path(&chunks[5].id);
+        std::fs::write(&p5, b"short").unwrap();
+        assert_eq!(fs.read(fh, 0, 60_000).await.unwrap(), data);
+        let s = fs.stats().snapshot();
+        assert_eq!(s.corrupt, 2, "{s:?}");
+        assert_eq!(src.chunks_fetched.load(Ordering::Relaxed), fetched + 2);
+        fs.cache().flush().await;
+        assert_eq!(
+            std::fs::read(&p0).unwrap(),
+            &data[..4096],
+            "refetched chunk is cached again"
+        );
+    });
+}
+
+#[test]
+fn warm_disk_cache_serves_everything_without_fetching() {
+    let (src, data) = one_file(300_000, 1000);
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rt();
+    r.block_on(async {
+        let (fs, src) = mount(src, 1 << 20, tmp.path(), 1 << 20, FsConfig::default());
+        let ino = fs.lookup(ROOT_INO, b"f").await.unwrap().ino;
+        let fh = fs.open(ino).await.unwrap();
+        assert_eq!(fs.read(fh, 0, 400_000).await.unwrap(), data);
+        assert_eq!(src.chunks_fetched.load(Ordering::Relaxed), 300);
+        fs.cache().flush().await;
+    });
+    // A new process: fresh memory cache over the same directory.
+    let (src2, _) = one_file(300_000, 1000);
+    r.block_on(async {
+        let (fs, src) = mount(src2, 1 << 20, tmp.path(), 1 << 20, FsConfig::default());
+        let ino = fs.lookup(ROOT_INO, b"f").await.unwrap().ino;
+        let fh = fs.open(ino).await.unwrap();
+        assert_eq!(fs.read(fh, 0, 400_000).await.unwrap(), data);
+        assert_eq!(src.fetch_calls.load(Ordering::Relaxed), 0);
+        let s = fs.stats().snapshot();
+        assert_eq!((s.bytes_fetched, s.disk_hits), (0, 300), "{s:?}");
+    });
+}
+
+#[test]
+fn disk_cache_respects_its_cap_and_reopens_within_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, _) = one_file(100_000, 1000);
+    let src: Arc<dyn Source> = Arc::new(src);
+    let r = rt();
+    r.block_on(async {
+        let cache = ChunkCache::new(0, Some(DiskCache::open(tmp.path(), 10_000).unwrap()));
+        let stats = Arc::default();
+        let fs = GranaryFs::new(src.clone(), cache.clone(), FsConfig::default());
+        let ino = fs.lookup(ROOT_INO, b"f").await.unwrap().ino;
+        let chunks = fs.chunks_of(ino).await.unwrap();
+        for c in chunks.chunks(7) {
+            cache.get_many(&src, c, Want::Read, &stats).await.unwrap();
+            cache.flush().await;
+            assert!(disk_bytes(tmp.path()) <= 10_000);
+        }
+        assert_eq!(disk_bytes(tmp.path()), 10_000);
+        // The most recent chunks stayed.
+        assert!(cache.is_cached(&chunks[99].id));
+        assert!(!cache.is_cached(&chunks[0].id));
+    });
+    // Reopening with a smaller cap trims the oldest files; stray temp files go.
+    std::fs::write(tmp.path().join("chunks-tmp").join("partial"), b"xx").unwrap();
+    let d = DiskCache::open(tmp.path(), 4000).unwrap();
+    assert_eq!(d.usage(), (4000, 4000));
+    assert_eq!(disk_bytes(tmp.path()), 4000);
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("chunks-tmp")).unwrap().count(),
+        0
+    );
+}
+
+fn ra_config() -> FsConfig {
+    FsConfig {
+        readahead_initial: 64 << 10,
+        readahead_max: 1 << 20,
+        readahead_global: 4 << 20,
+        prefetch_batch: 128 << 10,
+        ..FsConfig::default()
+    }
+}
+
+#[test]
+fn sequential_reads_prefetch_with_a_growing_window() {
+    let (src, data) = one_file(8 << 20, 16 << 10);
+    let tmp = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (fs, src) = mount(src, 64 << 20, tmp.path(), 64 << 20, ra_config());
+        let ino = fs.lookup(ROOT_INO, b"f").await.unwrap().ino;
+        let fh = fs.open(ino).await.unwrap();
+        let mut pos = 0;
+        while pos < data.len() {
+            let got = fs.read(fh, pos as u64, 128 << 10).await.unwrap();
+            assert_eq!(got, &data[pos..pos + got.len()]);
+            pos += got.len();
+        }
+        let s = fs.stats().snapshot();
+        assert!(
+            s.prefetched_chunks > 400,
+            "sequential reads should be served ahead: {s:?}"
+        );
+        assert!(s.misses < 40, "{s:?}");
+        // Each chunk is fetched once (prefetch and reads share fetches in flight).
+        assert!(src.chunks_fetched.load(Ordering::Relaxed) <= 512 + 16, "{s:?}");
+        for _ in 0..100 {
+            if fs.prefetch_inflight() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(fs.prefetch_inflight(), 0);
+    });
+}
+
+#[test]
+fn random_reads_do_not_prefetch() {
+    let (src, data) = one_file(8 << 20, 16 << 10);
+    let tmp = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (fs, _src) = mount(src, 64 << 20, tmp.path(), 64 << 20, ra_config());
+        let ino = fs.lookup(ROOT_INO, b"f").await.unwrap().ino;
+        let fh = fs.open(ino).await.unwrap();
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..300 {
+            let off = rng.usize(..data.len());
+            let got = fs.read(fh, off as u64, 4096).await.unwrap();
+            assert_eq!(got, &data[off..(off + 4096).min(data.len())]);
+        }
+        let s = fs.stats().snapshot();
+        assert_eq!(s.prefetched_chunks, 0, "{s:?}");
+    });
+}
+
+#[test]
+fn fetch_failures_are_errors_and_reads_recover() {
+    let (src, data) = one_file(10_000, 1000);
+    let tmp = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (fs, src) = mount(src, 1 << 20, tmp.path(), 1 << 20, FsConfig::default());
+        let ino = fs.lookup(ROOT_INO, b"f").await.unwrap().ino;
+        let fh = fs.open(ino).await.unwrap();
+        src.fail.store(true, Ordering::Relaxed);
+        let e = fs.read(fh, 0, 5000).await.unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        src.fail.store(false, Ordering::Relaxed);
+        assert_eq!(fs.read(fh, 0, 20_000).await.unwrap(), data);
+        assert!(fs.read(999, 0, 1).await.is_err());
+    });
+}
+
+#[test]
+fn concurrent_readers_get_the_right_bytes() {
+    let (src, data) = one_file(2 << 20, 8 << 10);
+    let data = Arc::new(data);
+    let tmp = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (fs, _src) = mount(src, 1 << 20, tmp.path(), 1 << 30, ra_config());
+        let ino = fs.lookup(ROOT_INO, b"f").await.unwrap().ino;
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let (fs, data) = (fs.clone(), data.clone());
+            tasks.push(tokio::spawn(async move {
+                let fh = fs.open(ino).await.unwrap();
+                let mut rng = fastrand::Rng::with_seed(t);
+                for _ in 0..100 {
+                    let off = rng.usize(..data.len());
+                    let len = rng.u32(1..200_000);
+                    let got = fs.read(fh, off as u64, len).await.unwrap();
+                    assert_eq!(got, &data[off..(off + len as usize).min(data.len())]);
+                }
+                fs.release(fh);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(fs.open_handles(), 0);
+    });
+}
+
+#[test]
+fn two_processes_sharing_a_disk_cache_stay_within_its_cap_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cap = 50_000;
+    // Two caches on one directory stand for two mount processes.
+    let a = Arc::new(DiskCache::open(tmp.path(), cap).unwrap());
+    let b = Arc::new(DiskCache::open(tmp.path(), cap).unwrap());
+    let stats = Arc::new(granary_fuse::Stats::default());
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (a, b, stats) = (a.clone(), b.clone(), stats.clone());
+            std::thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(t);
+                for i in 0..150 {
+                    let data: Vec<u8> = (0..rng.usize(1..3000)).map(|_| rng.u8(..)).collect();
+                    let id = granary_core::ChunkId::of(&data);
+                    let cache = if (i + t) % 2 == 0 { &a } else { &b };
+                    cache.put(&id, &data, &stats).unwrap();
+                    // The shared count (exact under the directory lock; a walk
+                    // here would race with the other threads).
+                    assert!(cache.usage().0 <= cap, "over the cap");
+                    if rng.bool() {
+                        // Reads through the other "process" of what this one wrote.
+                        let other = if (i + t) % 2 == 0 { &b } else { &a };
+                        if let Some(got) = other.get(&id, &stats) {
+                            assert_eq!(got, data);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let on_disk = disk_bytes(tmp.path());
+    assert!(on_disk <= cap && on_disk > cap / 2, "{on_disk}");
+    assert_eq!(a.usage(), (on_disk, cap), "the shared count matches the files");
+    assert_eq!(b.usage(), (on_disk, cap));
+    assert!(stats.disk_evictions.load(Ordering::Relaxed) > 0);
+    // A damaged file is deleted and uncounted.
+    let victim = std::fs::read_dir(tmp.path().join("chunks-v1"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path())
+        .next()
+        .unwrap();
+    let id: granary_core::ChunkId = victim.file_name().unwrap().to_str().unwrap().parse().unwrap();
+    let len = std::fs::metadata(&victim).unwrap().len();
+    std::fs::write(&victim, vec![0u8; len as usize]).unwrap();
+    assert!(a.get(&id, &stats).is_none());
+    assert!(!victim.exists());
+    assert_eq!(b.usage(), (on_disk - len, cap));
+    // Reopening recounts.
+    std::fs::write(tmp.path().join("chunks-v1.usage"), "00000000000012345678").unwrap();
+    let c = DiskCache::open(tmp.path(), cap).unwrap();
+    assert_eq!(c.usage(), (on_disk - len, cap));
+}

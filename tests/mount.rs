@@ -1,0 +1,670 @@
+//! End-to-end tests of `granary mount`: real `granary server` processes, data
+//! uploaded with the real `granary upload`, mounted with the real
+//! `granary mount` under the test's own temporary directory, read through the
+//! kernel, unmounted with `granary umount`.
+//!
+//! Every mount is held by a [`MountGuard`] that lazily unmounts on drop, also
+//! when the test panics, so no test leaves a mount behind.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn granary(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .env_remove("GRANARY_SERVER")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run granary")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+#[track_caller]
+fn ok(what: &str, o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+/// Whether `p` is a mountpoint now.
+fn is_mounted(p: &Path) -> bool {
+    let want = fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.to_str().unwrap()))
+}
+
+/// Unmounts (lazily, so a panicking test's open files do not block it) on drop.
+struct MountGuard {
+    path: PathBuf,
+    cache: PathBuf,
+}
+
+impl MountGuard {
+    /// `granary mount VERSION PATH --cache-dir CACHE --server ADDR`; asserts success.
+    #[track_caller]
+    fn mount(addr: &str, version: &str, path: &Path, cache: &Path) -> Self {
+        fs::create_dir_all(path).unwrap();
+        let started = Instant::now();
+        let o = granary(&[
+            "mount",
+            version,
+            s(path),
+            "--server",
+            addr,
+            "--cache-dir",
+            s(cache),
+        ]);
+        let g = MountGuard {
+            path: path.to_path_buf(),
+            cache: cache.to_path_buf(),
+        };
+        ok(&format!("mount {version}"), o);
+        eprintln!("mount {version} took {:?}", started.elapsed());
+        assert!(
+            is_mounted(path),
+            "{} is not mounted after `granary mount`",
+            path.display()
+        );
+        g
+    }
+
+    /// The mount's counters (`granary cache-stats --json`).
+    fn stats(&self) -> Value {
+        let out = ok(
+            "cache-stats",
+            granary(&[
+                "cache-stats",
+                s(&self.path),
+                "--cache-dir",
+                s(&self.cache),
+                "--json",
+            ]),
+        );
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// `granary umount` (which waits for the mount process to write its
+    /// final counters and exit); returns those counters.
+    fn umount(self) -> Value {
+        let pid = self.stats()["pid"].as_u64().unwrap();
+        ok(
+            "umount",
+            granary(&["umount", s(&self.path), "--cache-dir", s(&self.cache)]),
+        );
+        assert!(!is_mounted(&self.path));
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "mount process {pid} still runs after umount"
+        );
+        let v = self.stats();
+        assert_eq!(v["mounted"], false);
+        v["stats"].clone()
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if is_mounted(&self.path) {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.path)
+                .status();
+            if is_mounted(&self.path) {
+                let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+            }
+        }
+    }
+}
+
+fn random_bytes(rng: &mut fastrand::Rng, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rng.fill(&mut v);
+    v
+}
+
+/// A dataset directory: nested dirs, files from empty to several MiB
+/// (incompressible and repetitive), odd names and modes, symlinks.
+fn make_tree(root: &Path, seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    fs::create_dir_all(root.join("a/b/c")).unwrap();
+    fs::create_dir_all(root.join("empty dir")).unwrap();
+    fs::create_dir_all(root.join("train")).unwrap();
+    let files: Vec<(&str, usize)> = vec![
+        ("empty", 0),
+        ("one", 1),
+        ("small.txt", 100),
+        ("a/b/c/deep.bin", 70_000),
+        ("a/b/mid.bin", 300_000),
+        ("big.bin", 6 << 20),
+        ("a/name with spaces ü.dat", 5000),
+    ];
+    for (p, n) in files {
+        fs::write(root.join(p), random_bytes(&mut rng, n)).unwrap();
+    }
+    let text: Vec<u8> = (0..2_000_000u32)
+        .flat_map(|i| format!("line {i}\n").into_bytes())
+        .take(3_000_000)
+        .collect();
+    fs::write(root.join("train/text.csv"), text).unwrap();
+    for i in 0..30 {
+        let n = rng.usize(0..20_000);
+        fs::write(
+            root.join(format!("train/shard-{i:03}")),
+            random_bytes(&mut rng, n),
+        )
+        .unwrap();
+    }
+    fs::set_permissions(root.join("small.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(root.join("a/b/mid.bin"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(root.join("a/b"), fs::Permissions::from_mode(0o750)).unwrap();
+    if seed == 1 {
+        // A directory listed over many readdir requests.
+        fs::create_dir_all(root.join("many")).unwrap();
+        for i in 0..2500 {
+            let name = format!("entry-with-a-longish-name-{i:05}-{}", rng.u32(..));
+            fs::write(root.join("many").join(name), i.to_string()).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink("a/b/c/deep.bin", root.join("link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", root.join("a/dangling")).unwrap();
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File { size: u64, blake3: String },
+    Symlink(Vec<u8>),
+}
+
+/// path -> (kind, mode & 0o7777 (0 for symlinks)), by a recursive walk.
+fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, (Kind, u32)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, (Kind, u32)>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+            let ft = m.file_type();
+            let v = if ft.is_symlink() {
+                (
+                    Kind::Symlink(fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
+                    0,
+                )
+            } else if ft.is_dir() {
+                walk(root, &p, out);
+                (Kind::Dir, m.mode() & 0o7777)
+            } else {
+                let mut h = blake3::Hasher::new();
+                std::io::copy(&mut File::open(&p).unwrap(), &mut h).unwrap();
+                (
+                    Kind::File {
+                        size: m.len(),
+                        blake3: h.finalize().to_hex().to_string(),
+                    },
+                    m.mode() & 0o7777,
+                )
+            };
+            out.insert(rel, v);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+struct Fixture {
+    cluster: Cluster,
+    addr: String,
+    tmp: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let cluster = Cluster::start(1).await;
+        let addr = cluster.addr(1);
+
+        let tmp = tempfile::Builder::new()
+            .prefix("granary-mount-")
+            .tempdir()
+            .unwrap();
+        Self { cluster, addr, tmp }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+
+    #[track_caller]
+    fn upload(&self, dir: &Path, dataset: &str) {
+        let o = Command::new(BIN)
+            .args([
+                "upload",
+                s(dir),
+                dataset,
+                "--pack-size",
+                "1MiB",
+                "--server",
+                &self.addr,
+            ])
+            .env("RUST_LOG", "warn")
+            .env("GRANARY_CACHE_DIR", self.path("upload-cache"))
+            .env_remove("GRANARY_SERVER")
+            .output()
+            .unwrap();
+        ok(&format!("upload {dataset}"), o);
+    }
+}
+
+/// Checks `errno` of a failed call.
+#[track_caller]
+fn erofs<T: std::fmt::Debug>(what: &str, r: std::io::Result<T>) {
+    let e = r.expect_err(what);
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounted_version_reads_like_the_source_and_refuses_writes() {
+    let f = Fixture::new().await;
+    let src = f.path("src");
+    make_tree(&src, 1);
+    f.upload(&src, "ds");
+    let mnt = f.path("mnt");
+    let m = MountGuard::mount(&f.addr, "ds@1", &mnt, &f.path("cache"));
+
+    // Random small reads fetch what they touch and prefetch nothing.
+    {
+        let want = fs::read(src.join("big.bin")).unwrap();
+        let file = File::open(mnt.join("big.bin")).unwrap();
+        let mut rng = fastrand::Rng::with_seed(3);
+        for _ in 0..20 {
+            let off = rng.usize(..want.len());
+            let mut buf = [0u8; 4096];
+            let n = file.read_at(&mut buf, off as u64).unwrap();
+            assert_eq!(&buf[..n], &want[off..(off + 4096).min(want.len())]);
+        }
+        let st = wait_stats(&m, |s| s["reads"].as_u64().unwrap() >= 20);
+        eprintln!("after 20 random 4 KiB reads: {st}");
+        assert_eq!(st["prefetched_chunks"], 0, "{st}");
+        assert!(st["chunks_fetched"].as_u64().unwrap() <= 40, "{st}");
+    }
+
+    // Names, kinds, sizes, modes, symlink targets, content hashes.
+    let started = Instant::now();
+    assert_eq!(snapshot(&mnt), snapshot(&src));
+    eprintln!("cold walk + hash of the whole version: {:?}", started.elapsed());
+    let meta = fs::metadata(mnt.join("small.txt")).unwrap();
+    assert_eq!(meta.nlink(), 1);
+
+    // Random reads across chunk boundaries, and at and past EOF.
+    let want = fs::read(src.join("big.bin")).unwrap();
+    let file = File::open(mnt.join("big.bin")).unwrap();
+    let mut rng = fastrand::Rng::with_seed(9);
+    for _ in 0..300 {
+        let off = rng.usize(..want.len() + 1000);
+        let len = rng.usize(1..300_000);
+        let mut buf = vec![0u8; len];
+        let n = file.read_at(&mut buf, off as u64).unwrap();
+        let from = off.min(want.len());
+        let to = (off + len).min(want.len());
+        assert_eq!(&buf[..n], &want[from..to], "read {len} at {off}");
+    }
+    let mut buf = [0u8; 10];
+    assert_eq!(file.read_at(&mut buf, want.len() as u64).unwrap(), 0);
+    assert_eq!(file.read_at(&mut buf, want.len() as u64 + 12345).unwrap(), 0);
+    assert_eq!(file.read_at(&mut buf, want.len() as u64 - 3).unwrap(), 3);
+
+    // Eight threads reading different files and ranges at once.
+    let src = Arc::new(src);
+    let mnt = Arc::new(mnt);
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (src, mnt) = (src.clone(), mnt.clone());
+            std::thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(100 + t);
+                let names = ["big.bin", "train/text.csv", "a/b/mid.bin", "a/b/c/deep.bin"];
+                for _ in 0..60 {
+                    let name = names[rng.usize(..names.len())];
+                    let want = fs::read(src.join(name)).unwrap();
+                    let f = File::open(mnt.join(name)).unwrap();
+                    let off = rng.usize(..want.len());
+                    let mut buf = vec![0u8; rng.usize(1..200_000)];
+                    let n = f.read_at(&mut buf, off as u64).unwrap();
+                    assert_eq!(&buf[..n], &want[off..(off + buf.len()).min(want.len())]);
+                }
+                // And one whole sequential read.
+                let mut all = Vec::new();
+                File::open(mnt.join("train/text.csv"))
+                    .unwrap()
+                    .read_to_end(&mut all)
+                    .unwrap();
+                assert_eq!(all, fs::read(src.join("train/text.csv")).unwrap());
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("reader thread");
+    }
+
+    // Writes of every kind fail with EROFS; nothing changes.
+    let mnt: &Path = &mnt;
+    erofs("create", File::create(mnt.join("new")));
+    erofs(
+        "open for writing",
+        fs::OpenOptions::new().write(true).open(mnt.join("small.txt")),
+    );
+    erofs(
+        "truncate",
+        fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(mnt.join("one")),
+    );
+    erofs("unlink", fs::remove_file(mnt.join("small.txt")));
+    erofs("mkdir", fs::create_dir(mnt.join("d")));
+    erofs("rmdir", fs::remove_dir(mnt.join("empty dir")));
+    erofs("rename", fs::rename(mnt.join("one"), mnt.join("two")));
+    erofs(
+        "chmod",
+        fs::set_permissions(mnt.join("one"), fs::Permissions::from_mode(0o777)),
+    );
+    erofs("symlink", std::os::unix::fs::symlink("x", mnt.join("l2")));
+    erofs("hard link", fs::hard_link(mnt.join("one"), mnt.join("one2")));
+    assert_eq!(snapshot(mnt), snapshot(&src));
+    let nothing = fs::metadata(mnt.join("nothing-here")).unwrap_err();
+    assert_eq!(nothing.kind(), ErrorKind::NotFound);
+
+    drop(file);
+    let stats = m.umount();
+    eprintln!("counters after the first test: {stats}");
+    assert!(stats["bytes_fetched"].as_u64().unwrap() > 0);
+    assert!(
+        stats["prefetched_chunks"].as_u64().unwrap() > 0,
+        "sequential reads prefetch: {stats}"
+    );
+    assert_eq!(stats["corrupt"], 0);
+}
+
+/// Polls the mount's counters (rewritten twice a second) until `done` holds.
+fn wait_stats(m: &MountGuard, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = m.stats()["stats"].clone();
+        if done(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "counters never got there: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Bytes of every regular file under `root` (by a full read), to warm or check counters.
+fn read_everything(root: &Path) -> u64 {
+    snapshot(root)
+        .values()
+        .map(|(k, _)| match k {
+            Kind::File { size, .. } => *size,
+            _ => 0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_versions_warm_remount_corrupt_cache_and_prefetch() {
+    let f = Fixture::new().await;
+    let src = f.path("src");
+    make_tree(&src, 2);
+    f.upload(&src, "ds");
+    let v1 = snapshot(&src);
+    // Version 2: one file changed, one removed, one added.
+    fs::write(src.join("small.txt"), b"changed in v2").unwrap();
+    fs::remove_file(src.join("a/b/mid.bin")).unwrap();
+    fs::write(src.join("added.bin"), vec![7u8; 123_456]).unwrap();
+    f.upload(&src, "ds");
+    let v2 = snapshot(&src);
+    assert_ne!(v1, v2);
+
+    // Both versions mounted at once, sharing one cache directory.
+    let cache = f.path("cache");
+    let m1 = MountGuard::mount(&f.addr, "ds@1", &f.path("m1"), &cache);
+    let m2 = MountGuard::mount(&f.addr, "ds", &f.path("m2"), &cache);
+    assert_eq!(snapshot(&f.path("m1")), v1);
+    assert_eq!(snapshot(&f.path("m2")), v2);
+    let s1 = m1.umount();
+    let s2 = m2.umount();
+    eprintln!("cold counters: v1 {s1}\nv2 {s2}");
+
+    // Remount: the disk cache holds everything, nothing comes from the server.
+    let m2 = MountGuard::mount(&f.addr, "ds@2", &f.path("m2"), &cache);
+    let started = Instant::now();
+    let total = read_everything(&f.path("m2"));
+    eprintln!("warm read of {total} bytes: {:?}", started.elapsed());
+    let warm = m2.umount();
+    eprintln!("warm counters: {warm}");
+    assert_eq!(warm["bytes_fetched"], 0, "{warm}");
+    assert_eq!(warm["misses"], 0, "{warm}");
+    assert!(warm["disk_hits"].as_u64().unwrap() > 0, "{warm}");
+
+    // Damage two cache files: detected, deleted, refetched, counted.
+    let mut files: Vec<PathBuf> = Vec::new();
+    for sub in fs::read_dir(cache.join("chunks-v1")).unwrap() {
+        for e in fs::read_dir(sub.unwrap().path()).unwrap() {
+            files.push(e.unwrap().path());
+        }
+    }
+    files.sort();
+    let mut damaged = 0u64;
+    for p in files
+        .iter()
+        .filter(|p| fs::metadata(p).unwrap().len() > 1000)
+        .take(2)
+    {
+        let mut b = fs::read(p).unwrap();
+        b[500] ^= 0xff;
+        damaged += b.len() as u64;
+        fs::write(p, b).unwrap();
+    }
+    let m2 = MountGuard::mount(&f.addr, "ds@2", &f.path("m2"), &cache);
+    let m1 = MountGuard::mount(&f.addr, "ds@1", &f.path("m1"), &cache);
+    assert_eq!(snapshot(&f.path("m2")), v2);
+    assert_eq!(snapshot(&f.path("m1")), v1);
+    let a = m2.umount();
+    let b = m1.umount();
+    eprintln!("after damage: {a}\n{b}");
+    let corrupt = a["corrupt"].as_u64().unwrap() + b["corrupt"].as_u64().unwrap();
+    assert_eq!(corrupt, 2);
+    let refetched = a["bytes_fetched"].as_u64().unwrap() + b["bytes_fetched"].as_u64().unwrap();
+    assert_eq!(refetched, damaged);
+
+    // `granary prefetch` warms a fresh cache; a mount on it fetches nothing.
+    let cache2 = f.path("cache2");
+    let o = granary(&[
+        "prefetch",
+        "ds@1",
+        "--server",
+        &f.addr,
+        "--cache-dir",
+        s(&cache2),
+        "--json",
+    ]);
+    let out: Value = serde_json::from_str(&ok("prefetch", o)).unwrap();
+    eprintln!("prefetch: {out}");
+    assert!(out["fetched_bytes"].as_u64().unwrap() > 0);
+    let o = granary(&[
+        "prefetch",
+        "ds@1",
+        "a",
+        "--server",
+        &f.addr,
+        "--cache-dir",
+        s(&cache2),
+        "--json",
+    ]);
+    let again: Value = serde_json::from_str(&ok("prefetch again", o)).unwrap();
+    assert_eq!(again["fetched_bytes"], 0, "{again}");
+    let m1 = MountGuard::mount(&f.addr, "ds@1", &f.path("m1"), &cache2);
+    assert_eq!(snapshot(&f.path("m1")), v1);
+    let st = m1.umount();
+    assert_eq!(st["bytes_fetched"], 0, "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_mounts_fail_clearly_and_sigterm_unmounts() {
+    let f = Fixture::new().await;
+    let src = f.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("x"), b"x").unwrap();
+    f.upload(&src, "ds");
+    let mnt = f.path("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let cache = f.path("cache");
+    for (version, needle) in [("nope", "not found"), ("ds@7", "7"), ("bad name!", "")] {
+        let o = granary(&[
+            "mount",
+            version,
+            s(&mnt),
+            "--server",
+            &f.addr,
+            "--cache-dir",
+            s(&cache),
+        ]);
+        let err = text(&o.stderr);
+        eprintln!("mount {version}: {err}");
+        assert!(!o.status.success(), "mount {version} succeeded");
+        assert!(
+            err.starts_with("error: ") && err.contains(needle),
+            "mount {version}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(!is_mounted(&mnt), "a failed mount left {} mounted", mnt.display());
+    }
+    let o = granary(&[
+        "mount",
+        "ds",
+        s(&f.path("missing")),
+        "--server",
+        &f.addr,
+        "--cache-dir",
+        s(&cache),
+    ]);
+    assert!(text(&o.stderr).contains("does not exist"), "{}", text(&o.stderr));
+    let o = granary(&["umount", s(&mnt)]);
+    assert!(text(&o.stderr).contains("not mounted"), "{}", text(&o.stderr));
+
+    // --foreground stays attached; SIGTERM unmounts and exits cleanly.
+    let mut child = Command::new(BIN)
+        .args([
+            "mount",
+            "ds",
+            s(&mnt),
+            "--foreground",
+            "--server",
+            &f.addr,
+            "--cache-dir",
+            s(&cache),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = MountGuard {
+        path: mnt.clone(),
+        cache: cache.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !is_mounted(&mnt) {
+        assert!(Instant::now() < deadline, "foreground mount never appeared");
+        assert!(child.try_wait().unwrap().is_none(), "foreground mount exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(fs::read(mnt.join("x")).unwrap(), b"x");
+    let o = granary(&[
+        "mount",
+        "ds",
+        s(&mnt),
+        "--server",
+        &f.addr,
+        "--cache-dir",
+        s(&cache),
+    ]);
+    assert!(
+        text(&o.stderr).contains("already a mountpoint"),
+        "{}",
+        text(&o.stderr)
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "foreground mount exited with {status}");
+    assert!(!is_mounted(&mnt), "SIGTERM left the mount in place");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_fail_with_eio_while_the_cluster_is_down_and_recover() {
+    let mut f = Fixture::new().await;
+    let src = f.path("src");
+    make_tree(&src, 4);
+    f.upload(&src, "ds");
+    let mnt = f.path("mnt");
+    let m = MountGuard::mount(&f.addr, "ds", &mnt, &f.path("cache"));
+    // Cached before the outage: the listing and one file.
+    assert_eq!(
+        fs::read(mnt.join("small.txt")).unwrap(),
+        fs::read(src.join("small.txt")).unwrap()
+    );
+    f.cluster.kill(1);
+    let started = Instant::now();
+    let e = fs::read(mnt.join("a/b/mid.bin")).unwrap_err();
+    eprintln!("read during the outage: {e} after {:?}", started.elapsed());
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // What is cached still reads.
+    assert_eq!(
+        fs::read(mnt.join("small.txt")).unwrap(),
+        fs::read(src.join("small.txt")).unwrap()
+    );
+    f.cluster.restart(1);
+    f.cluster.wait_leader(&[1], Duration::from_secs(20)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match fs::read(mnt.join("a/b/mid.bin")) {
+            Ok(b) => {
+                assert_eq!(b, fs::read(src.join("a/b/mid.bin")).unwrap());
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "reads never recovered: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    assert_eq!(snapshot(&mnt), snapshot(&src));
+    let st = m.umount();
+    eprintln!("counters after the outage: {st}");
+}
