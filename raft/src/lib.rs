@@ -27,13 +27,14 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// An application command, encoded by the application.
+/// An application command, encoded by the application. (`serde_bytes`:
+/// encoded as one byte string, not element by element.)
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Command(pub Vec<u8>);
+pub struct Command(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 /// The application's reply to a command, encoded by the application.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Response(pub Vec<u8>);
+pub struct Response(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 impl fmt::Debug for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -26,6 +26,7 @@ pub enum MetaCommand {
     },
     CommitVersion {
         dataset: String,
+        #[serde(with = "serde_bytes")]
         root: Vec<u8>,
         parent: Option<u64>,
         force: bool,
