@@ -295,6 +295,8 @@ pub enum BenchCommand {
     Meta(crate::commands::bench::BenchMetaArgs),
     /// Fresh and incremental upload vs `restic backup` of the same data, storage growth, peak RSS.
     Upload(crate::commands::bench::BenchUploadArgs),
+    /// Reading through `granary mount` vs a local copy and `rclone mount` of it: cold, warm, random, small files, RSS.
+    Mount(crate::commands::bench::BenchMountArgs),
 }
 
 #[derive(Debug, Args)]

@@ -70,9 +70,15 @@ impl MountGuard {
     /// `granary mount VERSION PATH --cache-dir CACHE --server ADDR`; asserts success.
     #[track_caller]
     fn mount(addr: &str, version: &str, path: &Path, cache: &Path) -> Self {
+        Self::mount_with(addr, version, path, cache, &[])
+    }
+
+    /// As [`MountGuard::mount`], with `extra` flags appended.
+    #[track_caller]
+    fn mount_with(addr: &str, version: &str, path: &Path, cache: &Path, extra: &[&str]) -> Self {
         fs::create_dir_all(path).unwrap();
         let started = Instant::now();
-        let o = granary(&[
+        let mut args = vec![
             "mount",
             version,
             s(path),
@@ -80,7 +86,9 @@ impl MountGuard {
             addr,
             "--cache-dir",
             s(cache),
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let o = granary(&args);
         let g = MountGuard {
             path: path.to_path_buf(),
             cache: cache.to_path_buf(),
@@ -667,4 +675,147 @@ async fn reads_fail_with_eio_while_the_cluster_is_down_and_recover() {
     assert_eq!(snapshot(&mnt), snapshot(&src));
     let st = m.umount();
     eprintln!("counters after the outage: {st}");
+}
+
+/// Reads `len` bytes at `off` of `path` through the mount, then drops the
+/// file's pages from the kernel page cache, so the next read of the same
+/// range goes to the mount process again.
+fn read_uncached(path: &Path, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path)?;
+    let mut buf = vec![0u8; len];
+    let n = f.read_at(&mut buf, off)?;
+    buf.truncate(n);
+    // SAFETY: fadvise on our own open descriptor.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    Ok(buf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_stay_correct_while_a_replica_holder_dies() {
+    let mut c = Cluster::start(3).await;
+    let tmp = tempfile::Builder::new()
+        .prefix("granary-mount-")
+        .tempdir()
+        .unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut rng = fastrand::Rng::with_seed(33);
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..16 {
+        let name = format!("f{i:02}.bin");
+        let n = rng.usize(500_000..3_000_000);
+        let data = random_bytes(&mut rng, n);
+        fs::write(src.join(&name), &data).unwrap();
+        files.push((name, data));
+    }
+    let addrs = format!("{},{},{}", c.addr(1), c.addr(2), c.addr(3));
+    let o = Command::new(BIN)
+        .args([
+            "upload",
+            s(&src),
+            "ds",
+            "--pack-size",
+            "1MiB",
+            "--server",
+            &c.addr(1),
+        ])
+        .env("RUST_LOG", "warn")
+        .env("GRANARY_CACHE_DIR", tmp.path().join("upload-cache"))
+        .env_remove("GRANARY_SERVER")
+        .output()
+        .unwrap();
+    ok("upload", o);
+    // Every pack is on all three nodes; node 3 is the first replica of some,
+    // so reads of those must move on to another replica once it is gone.
+    let packs = c.client(1).list_packs(None, None).await.unwrap();
+    let led_by_3 = packs.iter().filter(|p| p.replicas[0] == 3).count();
+    eprintln!("{} packs, {led_by_3} with node 3 as first replica", packs.len());
+    for p in &packs {
+        let mut r = p.replicas.clone();
+        r.sort();
+        assert_eq!(r, vec![1, 2, 3], "pack {} replicas {:?}", p.id, p.replicas);
+    }
+    assert!(led_by_3 > 0, "node 3 leads no pack chain: {packs:?}");
+
+    // No memory or disk cache: every read the kernel passes on is a fetch.
+    let mnt = tmp.path().join("mnt");
+    let cache = tmp.path().join("cache");
+    let m = MountGuard::mount_with(
+        &addrs,
+        "ds@1",
+        &mnt,
+        &cache,
+        &["--mem-cache", "0", "--cache-size", "0"],
+    );
+
+    let files = Arc::new(files);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killed_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let reader = {
+        let (files, stop, killed_at, mnt) = (files.clone(), stop.clone(), killed_at.clone(), mnt.clone());
+        std::thread::spawn(move || {
+            let mut rng = fastrand::Rng::with_seed(77);
+            let (mut before, mut after) = (0u64, 0u64);
+            let mut slowest = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let (name, want) = &files[rng.usize(..files.len())];
+                let off = rng.usize(..want.len());
+                let len = rng.usize(1..600_000);
+                let killed = killed_at.lock().unwrap().is_some();
+                let started = Instant::now();
+                let got = read_uncached(&mnt.join(name), off as u64, len).unwrap_or_else(|e| {
+                    panic!("read {len} at {off} of {name} (node 3 killed: {killed}): {e}")
+                });
+                slowest = slowest.max(started.elapsed());
+                assert!(
+                    got == want[off..(off + len).min(want.len())],
+                    "wrong bytes: read {len} at {off} of {name} (node 3 killed: {killed})"
+                );
+                if killed {
+                    after += 1;
+                } else {
+                    before += 1;
+                }
+            }
+            (before, after, slowest)
+        })
+    };
+
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!reader.is_finished(), "the reader failed before the kill");
+    c.kill(3);
+    *killed_at.lock().unwrap() = Some(Instant::now());
+    eprintln!("killed node 3");
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (before, after, slowest) = reader.join().expect("reader thread");
+    eprintln!("random reads: {before} before the kill, {after} after; slowest {slowest:?}");
+    assert!(
+        before > 0 && after >= 10,
+        "too few reads: {before} before, {after} after"
+    );
+
+    // Every file, whole and sequential (readahead batches across all packs).
+    for (name, want) in files.iter() {
+        let got = read_uncached(&mnt.join(name), 0, want.len() + 1)
+            .unwrap_or_else(|e| panic!("full read of {name} after the kill: {e}"));
+        assert!(got == *want, "wrong bytes in the full read of {name}");
+    }
+
+    let st = m.umount();
+    eprintln!("counters: {st}");
+    assert_eq!(st["fetch_errors"], 0, "{st}");
+    assert_eq!(st["corrupt"], 0, "{st}");
+    // The mount's log shows reads that moved on from node 3.
+    let mut log = String::new();
+    for e in fs::read_dir(cache.join("mounts")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "log") {
+            log.push_str(&fs::read_to_string(p).unwrap());
+        }
+    }
+    let moved = log.matches("trying the next").count();
+    eprintln!("{moved} fetches moved to another replica");
+    assert!(moved > 0, "no fetch failed over; mount log:\n{log}");
 }

@@ -4,10 +4,12 @@
 mod datagen;
 mod ingest;
 mod meta;
+mod mount;
 mod upload;
 
 pub use ingest::run as ingest;
 pub use meta::{run as meta, BenchMetaArgs};
+pub use mount::{run as mount, BenchMountArgs};
 pub use upload::{run as upload, BenchUploadArgs};
 
 use std::time::{Duration, Instant};

@@ -22,6 +22,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(&args),
         Command::Bench(BenchCommand::Meta(args)) => bench::meta(&args),
         Command::Bench(BenchCommand::Upload(args)) => bench::upload(&args),
+        Command::Bench(BenchCommand::Mount(args)) => bench::mount(&args),
         Command::Server(args) => server::run(args),
         Command::Upload(args) => data::upload(&args),
         Command::Download(args) => data::download(&args),
