@@ -156,7 +156,11 @@ impl fuser::Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.open(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                // NOFLUSH: close() need not wait for a FLUSH round trip; nothing is ever written.
+                Ok(fh) => reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+                ),
                 Err(e) => reply.error(errno(&e)),
             }
         });
