@@ -50,7 +50,12 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     nodes: RwLock<HashMap<u64, String>>,
     packs: RwLock<HashMap<u64, Vec<u64>>>,
+    /// Chunk servers whose last read failed, and when: tried last for a while.
+    failed: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long a chunk server that failed a read is tried after the other replicas.
+const AVOID_FAILED: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn server_err(addr: &str, s: tonic::Status) -> ClientError {
     ClientError::Server {
@@ -162,7 +167,17 @@ impl ChunkServers {
         pack: u64,
         chunks: &[(ChunkId, Location)],
     ) -> Result<Vec<Vec<u8>>, ClientError> {
-        let replicas = self.replicas(pack).await?;
+        let mut replicas = self.replicas(pack).await?;
+        {
+            // Healthy replicas first (stable: otherwise in chain order).
+            let failed = self.inner.failed.lock().expect("failed map lock");
+            let now = std::time::Instant::now();
+            replicas.sort_by_key(|a| {
+                failed
+                    .get(a)
+                    .is_some_and(|t| now.duration_since(*t) < AVOID_FAILED)
+            });
+        }
         if replicas.is_empty() {
             return Err(ClientError::Server {
                 code: tonic::Code::Unavailable,
@@ -179,9 +194,17 @@ impl ChunkServers {
         let mut last = None;
         for addr in &replicas {
             match self.fetch_once(addr, pack, &ranges, chunks).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.inner.failed.lock().expect("failed map lock").remove(addr);
+                    return Ok(v);
+                }
                 Err(e) => {
                     tracing::warn!(pack, addr, "read from replica failed, trying the next: {e}");
+                    self.inner
+                        .failed
+                        .lock()
+                        .expect("failed map lock")
+                        .insert(addr.clone(), std::time::Instant::now());
                     last = Some(e);
                 }
             }
