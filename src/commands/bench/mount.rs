@@ -24,6 +24,7 @@ use anyhow::{bail, Context};
 use serde_json::json;
 
 use super::datagen::random_bytes;
+use super::{start_server, vm_hwm};
 use crate::commands::data::parse_size;
 
 #[derive(Debug, clap::Args)]
@@ -63,16 +64,6 @@ pub struct BenchMountArgs {
     /// Print machine-readable JSON instead of text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Kills a child process on drop.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn is_mounted(path: &Path) -> bool {
@@ -219,18 +210,6 @@ impl Drop for RcloneMount {
     }
 }
 
-fn vm_hwm(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
 /// Writes back dirty pages and drops the kernel's page, dentry and inode caches.
 fn drop_caches() -> anyhow::Result<()> {
     // SAFETY: sync(2) has no preconditions.
@@ -303,39 +282,6 @@ fn generate(data: &Path, args: &BenchMountArgs) -> anyhow::Result<(Vec<PathBuf>,
     let big = make("big", args.files, args.file_kib, 0)?;
     let small = make("small", args.small_files, args.small_kib, 10_000_000)?;
     Ok((big, small))
-}
-
-fn start_server(exe: &Path, root: &Path) -> anyhow::Result<(ChildGuard, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr = format!("127.0.0.1:{port}");
-    let log = std::fs::File::create(root.join("server.log"))?;
-    let server = ChildGuard(
-        Command::new(exe)
-            .args(["server", "--listen", &addr, "--data-dir"])
-            .arg(root.join("server"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting granary server")?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Command::new(exe)
-        .args(["datasets", "--server", &addr])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        if Instant::now() > deadline {
-            bail!(
-                "the server did not start; see {}",
-                root.join("server.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok((server, addr))
 }
 
 /// One measured read: MB/s for byte cases, files/s for the small-file case.

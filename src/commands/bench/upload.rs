@@ -7,13 +7,14 @@
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use super::datagen::{random_bytes, TextGen};
+use super::{start_server, vm_hwm};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchUploadArgs {
@@ -116,31 +117,6 @@ fn ensure_restic() -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Server {
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn peak_rss(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
-            })
-            .unwrap_or(0)
-            * 1024
-    }
-}
-
 fn generate(data: &Path, args: &BenchUploadArgs) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let size = args.file_kib << 10;
@@ -214,33 +190,7 @@ pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
     let files = generate(&data, args)?;
     let total = du(&data);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr = format!("127.0.0.1:{port}");
-    let log = std::fs::File::create(root.join("server.log"))?;
-    let server = Server {
-        child: Command::new(&exe)
-            .args(["server", "--listen", &addr, "--data-dir"])
-            .arg(root.join("server"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Command::new(&exe)
-        .args(["datasets", "--server", &addr])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        if Instant::now() > deadline {
-            bail!(
-                "the server did not start; see {}",
-                root.join("server.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (server, addr) = start_server(&exe, &root)?;
     // Files changed less than 2 s before an upload are not trusted to the file cache.
     std::thread::sleep(Duration::from_secs(3));
 
@@ -298,7 +248,7 @@ pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
         data.to_str().context("utf-8 path")?,
     ])?;
     let r_stored2 = du(&repo);
-    let server_rss = server.peak_rss();
+    let server_rss = vm_hwm(server.0.id());
     drop(server);
 
     let mbps = |bytes: u64, secs: f64| bytes as f64 / secs / 1e6;
