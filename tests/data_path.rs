@@ -47,42 +47,6 @@ const PER_CHUNK: u64 = 48 + 48;
 // Running the CLI
 // ---------------------------------------------------------------------------
 
-fn granary_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .env("GRANARY_PACK_GRACE_SECS", "2")
-        .env_remove("GRANARY_SERVER")
-        .stdin(Stdio::null());
-    c
-}
-
-fn granary(args: &[&str]) -> Output {
-    granary_cmd(args).output().expect("run granary")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
-
-/// Asserts success and returns stdout.
-#[track_caller]
-fn ok(what: &str, o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    text(&o.stdout)
-}
-
 #[track_caller]
 fn ok_json(what: &str, o: Output) -> Value {
     let out = ok(what, o);

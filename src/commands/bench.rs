@@ -96,3 +96,19 @@ pub(super) fn start_server(
     }
     Ok((server, addr))
 }
+
+/// The benchmark's working directory: `dir` when given, else a temporary
+/// directory (named `prefix...`) that lives as long as the returned guard.
+pub(super) fn work_dir(
+    dir: &Option<std::path::PathBuf>,
+    prefix: &str,
+) -> anyhow::Result<(Option<tempfile::TempDir>, std::path::PathBuf)> {
+    match dir {
+        Some(d) => Ok((None, d.clone())),
+        None => {
+            let tmp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+            let path = tmp.path().to_path_buf();
+            Ok((Some(tmp), path))
+        }
+    }
+}

@@ -130,20 +130,9 @@ pub fn upload(args: &UploadArgs) -> anyhow::Result<()> {
     bar.bar.finish_and_clear();
     let r = result?;
     let secs = started.elapsed().as_secs_f64();
-    for s in &r.skipped {
-        eprintln!(
-            "warning: skipped {} ({}): only files, directories and symlinks are stored",
-            s.path.display(),
-            s.reason
-        );
-    }
+    let skipped = super::report_skipped(&r.skipped);
     let name = format!("{}@{}", r.version.dataset, r.version.number);
     if args.output.json {
-        let skipped: Vec<_> = r
-            .skipped
-            .iter()
-            .map(|s| json!({"path": s.path.to_string_lossy(), "reason": s.reason}))
-            .collect();
         println!(
             "{}",
             json!({

@@ -15,19 +15,8 @@ pub fn tree(dir: &Path, threads: usize, json: bool) -> anyhow::Result<()> {
     };
     let out = ingest_dir(dir, &opts, &DiscardSink, &NoProgress)?;
     let s = &out.stats;
-    for skip in &out.skipped {
-        tracing::warn!(
-            "skipped {} ({}): only files, directories and symlinks are stored",
-            skip.path.display(),
-            skip.reason
-        );
-    }
+    let skipped = super::report_skipped(&out.skipped);
     if json {
-        let skipped: Vec<_> = out
-            .skipped
-            .iter()
-            .map(|s| json!({"path": s.path.to_string_lossy(), "reason": s.reason}))
-            .collect();
         println!(
             "{}",
             json!({

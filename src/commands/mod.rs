@@ -39,6 +39,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Warns about entries an ingest skipped and returns them as JSON.
+fn report_skipped(skipped: &[granary_core::ingest::Skipped]) -> serde_json::Value {
+    for s in skipped {
+        eprintln!(
+            "warning: skipped {} ({}): only files, directories and symlinks are stored",
+            s.path.display(),
+            s.reason
+        );
+    }
+    skipped
+        .iter()
+        .map(|s| serde_json::json!({"path": s.path.to_string_lossy(), "reason": s.reason}))
+        .collect()
+}
+
 /// A current-thread runtime for client commands.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()

@@ -482,3 +482,44 @@ pub fn expect_err<T: Debug>(
     assert!(check(&msg), "{what}: unexpected message: {msg}");
     msg
 }
+
+// ---------------------------------------------------------------------------
+// Running the CLI
+// ---------------------------------------------------------------------------
+
+/// `granary ARGS` with quiet logs, no colours, no inherited GRANARY_SERVER.
+pub fn granary_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .env("GRANARY_PACK_GRACE_SECS", "2")
+        .env_remove("GRANARY_SERVER")
+        .stdin(Stdio::null());
+    c
+}
+
+pub fn granary(args: &[&str]) -> Output {
+    granary_cmd(args).output().expect("run granary")
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// Asserts success and returns stdout.
+#[track_caller]
+pub fn ok(what: &str, o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}

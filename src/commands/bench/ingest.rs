@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use super::datagen::{random_bytes, write_files, TextGen};
-use super::{best_of, gbps};
+use super::{best_of, gbps, work_dir};
 use crate::cli::BenchIngestArgs;
 
 /// Frames every chunk into a per-thread buffer, as an upload does before sending.
@@ -51,14 +51,7 @@ pub fn run(args: &BenchIngestArgs) -> anyhow::Result<()> {
     } else {
         args.threads
     };
-    let tmp;
-    let root = match &args.dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::Builder::new().prefix("granary-bench-").tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (_tmp, root) = work_dir(&args.dir, "granary-bench-")?;
     let file_size = (args.file_mib << 20) as usize;
     eprintln!(
         "generating {} MiB incompressible + {} MiB text-like data in {}",

@@ -24,7 +24,7 @@ use anyhow::{bail, Context};
 use serde_json::json;
 
 use super::datagen::random_bytes;
-use super::{start_server, vm_hwm};
+use super::{start_server, vm_hwm, work_dir};
 use crate::commands::data::parse_size;
 
 #[derive(Debug, clap::Args)]
@@ -302,16 +302,7 @@ pub fn run(args: &BenchMountArgs) -> anyhow::Result<()> {
     let mem_cap = parse_size(&args.mem_cache)?;
     parse_size(&args.cache_size)?;
     let exe = std::env::current_exe()?;
-    let tmp;
-    let root = match &args.dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("granary-bench-mount-")
-                .tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (_tmp, root) = work_dir(&args.dir, "granary-bench-mount-")?;
     std::fs::create_dir_all(&root)?;
     let root = std::fs::canonicalize(&root)?;
     for sub in ["data", "server", "upload-cache", "granary-cache", "rclone-cache"] {

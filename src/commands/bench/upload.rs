@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use super::datagen::{random_bytes, TextGen};
-use super::{start_server, vm_hwm};
+use super::{start_server, vm_hwm, work_dir};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchUploadArgs {
@@ -169,16 +169,7 @@ fn modify(data: &Path, files: &[PathBuf], file_kib: usize) -> anyhow::Result<()>
 pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
     ensure_restic()?;
     let exe = std::env::current_exe()?;
-    let tmp;
-    let root = match &args.dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("granary-bench-upload-")
-                .tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (_tmp, root) = work_dir(&args.dir, "granary-bench-upload-")?;
     let data = root.join("data");
     eprintln!(
         "generating {} x {} KiB + {} MiB text in {}",
