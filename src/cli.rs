@@ -103,6 +103,11 @@ pub struct ServerArgs {
     /// Replicas kept of every pack (default: min(3, live chunk servers)).
     #[arg(long, default_value_t = 0)]
     pub replicas: usize,
+    /// The object tier for cold packs: s3://BUCKET[/PREFIX] (endpoint, region and credentials from
+    /// AWS_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; http:// endpoints are allowed)
+    /// or file:///PATH. Every node of a cluster must use the same one. Default: file://DATA_DIR/objects.
+    #[arg(long, env = "GRANARY_OBJECT_STORE")]
+    pub object_store: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -252,10 +257,89 @@ pub enum AdminCommand {
         #[command(flatten)]
         output: OutputArgs,
     },
-    /// Remove a node from the cluster.
+    /// Remove a node from the cluster (its pack replicas are re-created on other chunk servers).
     RemoveNode {
         /// The node id to remove.
         node_id: u64,
+        #[command(flatten)]
+        server: ServerAddrArgs,
+    },
+    /// Tiering: move data between chunk servers' SSDs and the object tier.
+    #[command(subcommand)]
+    Tier(TierCommand),
+    /// Garbage collection: delete data no live version references and compact sparse packs.
+    Gc {
+        /// Report what would be deleted and compacted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Compact packs whose live share of bytes is below this (0 to 1; 0 disables compaction).
+        #[arg(long, default_value_t = 0.5)]
+        compact_below: f64,
+        #[command(flatten)]
+        server: ServerAddrArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Verify every frame of every pack on every chunk server and in the object tier; repair bad copies.
+    /// Exits non-zero when damaged data could not be repaired.
+    Scrub {
+        /// Only report damage; do not quarantine-and-restore bad copies.
+        #[arg(long)]
+        no_repair: bool,
+        #[command(flatten)]
+        server: ServerAddrArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TierCommand {
+    /// Move a version (DATASET@N) or every version of a dataset (DATASET) to a tier. Packs that a
+    /// version staying on SSD also uses stay on SSD. Waits for the moves, with progress.
+    Move {
+        /// DATASET@N for one version, DATASET for all of them.
+        target: String,
+        /// Destination tier: object or ssd.
+        #[arg(long, value_parser = ["object", "ssd"])]
+        to: String,
+        /// Queue the moves and return at once (`granary admin tier status` shows the queue).
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        server: ServerAddrArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Tiering policies: versions not read for a while move to the object tier on their own.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Bytes per tier per dataset, the policies and the mover's queue.
+    Status {
+        #[command(flatten)]
+        server: ServerAddrArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Set a cold-after policy for one dataset, or the default for every dataset.
+    Set {
+        /// The dataset; the default policy for all datasets when absent.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Versions whose data nobody read for this long move to the object tier (e.g. 30d, 12h, 90s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        cold_after: std::time::Duration,
+        #[command(flatten)]
+        server: ServerAddrArgs,
+    },
+    /// Remove the policy of one dataset, or the default policy.
+    Clear {
+        #[arg(long)]
+        dataset: Option<String>,
         #[command(flatten)]
         server: ServerAddrArgs,
     },

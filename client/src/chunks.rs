@@ -49,9 +49,18 @@ pub struct ChunkServers {
 struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     nodes: RwLock<HashMap<u64, String>>,
-    packs: RwLock<HashMap<u64, Vec<u64>>>,
+    /// Chunk servers (any can read a pack's object-tier copy).
+    chunk_nodes: RwLock<Vec<String>>,
+    packs: RwLock<HashMap<u64, PackCopies>>,
     /// Chunk servers whose last read failed, and when: tried last for a while.
     failed: Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// Where a pack's copies are, as last heard from meta.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PackCopies {
+    replicas: Vec<u64>,
+    object_key: String,
 }
 
 /// How long a chunk server that failed a read is tried after the other replicas.
@@ -125,63 +134,121 @@ impl ChunkServers {
         Ok(out)
     }
 
-    /// Addresses of the chunk servers holding `pack`.
-    async fn replicas(&self, pack: u64) -> Result<Vec<String>, ClientError> {
-        let cached = self
-            .inner
-            .packs
-            .read()
-            .expect("pack cache lock")
-            .get(&pack)
-            .cloned();
-        let ids = match cached {
-            Some(ids) => ids,
-            None => {
-                let info = self.meta.get_pack(pack).await?;
-                self.inner
-                    .packs
-                    .write()
-                    .expect("pack cache lock")
-                    .insert(pack, info.replicas.clone());
-                info.replicas
+    /// Where `pack`'s copies are (cached; `refresh` asks meta again).
+    async fn copies(&self, pack: u64, refresh: bool) -> Result<PackCopies, ClientError> {
+        if !refresh {
+            if let Some(c) = self.inner.packs.read().expect("pack cache lock").get(&pack) {
+                return Ok(c.clone());
             }
+        }
+        let info = self.meta.get_pack(pack).await?;
+        let copies = PackCopies {
+            replicas: info.replicas,
+            object_key: info.object_key,
         };
-        if ids
-            .iter()
-            .any(|id| !self.inner.nodes.read().expect("node cache lock").contains_key(id))
-        {
+        self.inner
+            .packs
+            .write()
+            .expect("pack cache lock")
+            .insert(pack, copies.clone());
+        Ok(copies)
+    }
+
+    /// The chunk servers to ask for `pack`: its SSD replicas (healthy ones
+    /// first), then, when it has an object-tier copy, up to two other chunk
+    /// servers, which read it from the object tier.
+    async fn sources(&self, pack: u64, copies: &PackCopies) -> Result<Vec<String>, ClientError> {
+        let known = |id: &u64| self.inner.nodes.read().expect("node cache lock").contains_key(id);
+        let need_nodes = !copies.replicas.iter().all(known)
+            || (!copies.object_key.is_empty() && self.inner.chunk_nodes.read().expect("lock").is_empty());
+        if need_nodes {
             let nodes = self.meta.list_nodes().await?;
+            let mut chunk_nodes: Vec<String> = nodes
+                .iter()
+                .filter(|n| n.roles.iter().any(|r| r == "chunk"))
+                .map(|n| n.addr.clone())
+                .collect();
+            chunk_nodes.sort();
+            *self.inner.chunk_nodes.write().expect("lock") = chunk_nodes;
             let mut map = self.inner.nodes.write().expect("node cache lock");
             for n in nodes {
                 map.insert(n.id, n.addr);
             }
         }
-        let nodes = self.inner.nodes.read().expect("node cache lock");
-        Ok(ids.iter().filter_map(|id| nodes.get(id).cloned()).collect())
+        let mut out: Vec<String> = {
+            let nodes = self.inner.nodes.read().expect("node cache lock");
+            copies
+                .replicas
+                .iter()
+                .filter_map(|id| nodes.get(id).cloned())
+                .collect()
+        };
+        if !copies.object_key.is_empty() {
+            let all = self.inner.chunk_nodes.read().expect("lock").clone();
+            if !all.is_empty() {
+                let start = pack as usize % all.len();
+                let others: Vec<String> = all
+                    .iter()
+                    .cycle()
+                    .skip(start)
+                    .take(all.len())
+                    .filter(|a| !out.contains(a))
+                    .take(2)
+                    .cloned()
+                    .collect();
+                out.extend(others);
+            }
+        }
+        // Healthy sources first (stable: otherwise in the order above).
+        let failed = self.inner.failed.lock().expect("failed map lock");
+        let now = std::time::Instant::now();
+        out.sort_by_key(|a| {
+            failed
+                .get(a)
+                .is_some_and(|t| now.duration_since(*t) < AVOID_FAILED)
+        });
+        Ok(out)
     }
 
     /// Fetches, verifies and decodes chunks of one pack; `chunks` must fit in [`MAX_FETCH`].
-    /// Tries each replica in turn; returns the raw chunks in order.
+    /// Tries each source in turn; when all fail, asks meta where the pack is
+    /// now (a tier move may have just moved it) and tries once more.
+    /// Returns the raw chunks in order.
     pub async fn fetch_from_pack(
         &self,
         pack: u64,
         chunks: &[(ChunkId, Location)],
     ) -> Result<Vec<Vec<u8>>, ClientError> {
-        let mut replicas = self.replicas(pack).await?;
-        {
-            // Healthy replicas first (stable: otherwise in chain order).
-            let failed = self.inner.failed.lock().expect("failed map lock");
-            let now = std::time::Instant::now();
-            replicas.sort_by_key(|a| {
-                failed
-                    .get(a)
-                    .is_some_and(|t| now.duration_since(*t) < AVOID_FAILED)
-            });
+        let mut copies = self.copies(pack, false).await?;
+        let mut refreshed = false;
+        loop {
+            match self.fetch_from_copies(pack, &copies, chunks).await {
+                Ok(v) => return Ok(v),
+                Err(e) if refreshed => return Err(e),
+                Err(e) => {
+                    refreshed = true;
+                    let now = self.copies(pack, true).await?;
+                    if now == copies {
+                        return Err(e);
+                    }
+                    tracing::debug!(pack, "pack moved while reading; trying its new copies");
+                    copies = now;
+                }
+            }
         }
-        if replicas.is_empty() {
+    }
+
+    async fn fetch_from_copies(
+        &self,
+        pack: u64,
+        copies: &PackCopies,
+        chunks: &[(ChunkId, Location)],
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        let sources = self.sources(pack, copies).await?;
+        if sources.is_empty() {
             return Err(ClientError::Server {
                 code: tonic::Code::Unavailable,
-                message: format!("pack {pack} has no known replica; run `granary admin status`"),
+                message: format!("pack {pack} has no known copy; run `granary admin status`"),
             });
         }
         let ranges: Vec<FrameRange> = chunks
@@ -192,14 +259,17 @@ impl ChunkServers {
             })
             .collect();
         let mut last = None;
-        for addr in &replicas {
-            match self.fetch_once(addr, pack, &ranges, chunks).await {
+        for addr in &sources {
+            match self
+                .fetch_once(addr, pack, &copies.object_key, &ranges, chunks)
+                .await
+            {
                 Ok(v) => {
                     self.inner.failed.lock().expect("failed map lock").remove(addr);
                     return Ok(v);
                 }
                 Err(e) => {
-                    tracing::warn!(pack, addr, "read from replica failed, trying the next: {e}");
+                    tracing::warn!(pack, addr, "read from chunk server failed, trying the next: {e}");
                     self.inner
                         .failed
                         .lock()
@@ -209,13 +279,14 @@ impl ChunkServers {
                 }
             }
         }
-        Err(last.expect("at least one replica was tried"))
+        Err(last.expect("at least one source was tried"))
     }
 
     async fn fetch_once(
         &self,
         addr: &str,
         pack: u64,
+        object_key: &str,
         ranges: &[FrameRange],
         chunks: &[(ChunkId, Location)],
     ) -> Result<Vec<Vec<u8>>, ClientError> {
@@ -223,6 +294,7 @@ impl ChunkServers {
         let req = GetFramesRequest {
             pack_id: pack,
             ranges: ranges.to_vec(),
+            object_key: object_key.to_string(),
         };
         let mut stream = client
             .get_frames(req)
@@ -262,35 +334,48 @@ impl ChunkServers {
 
     /// Fetches any chunks: locates them, groups them by pack and fetches each
     /// pack's frames in as few calls as possible. Returns raw chunks in order.
+    /// When a pack cannot be read, its chunks are located again once (GC
+    /// compaction may have just moved them to another pack).
     pub async fn fetch(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, ClientError> {
-        let locations = self.locate(ids).await?;
-        let mut by_pack: HashMap<u64, Vec<usize>> = HashMap::new();
-        for (i, id) in ids.iter().enumerate() {
-            by_pack.entry(locations[id].pack).or_default().push(i);
-        }
+        let mut locations = self.locate(ids).await?;
         let mut out: Vec<Vec<u8>> = vec![Vec::new(); ids.len()];
-        for (pack, idxs) in by_pack {
-            let mut group: Vec<(ChunkId, Location)> = Vec::new();
-            let mut group_idx = Vec::new();
-            let mut size = 0usize;
-            for i in idxs {
-                let loc = locations[&ids[i]];
-                if size + loc.frame_len() as usize > MAX_FETCH && !group.is_empty() {
-                    for (k, raw) in group_idx.drain(..).zip(self.fetch_from_pack(pack, &group).await?) {
-                        out[k] = raw;
+        let mut pending: Vec<usize> = (0..ids.len()).collect();
+        for attempt in 0..2 {
+            let mut by_pack: HashMap<u64, Vec<usize>> = HashMap::new();
+            for &i in &pending {
+                by_pack.entry(locations[&ids[i]].pack).or_default().push(i);
+            }
+            let mut failed: Vec<usize> = Vec::new();
+            let mut first_error = None;
+            for (pack, idxs) in by_pack {
+                for group in split_groups(&idxs, |i| locations[&ids[i]].frame_len() as usize) {
+                    let request: Vec<(ChunkId, Location)> =
+                        group.iter().map(|&i| (ids[i], locations[&ids[i]])).collect();
+                    match self.fetch_from_pack(pack, &request).await {
+                        Ok(raws) => {
+                            for (&k, raw) in group.iter().zip(raws) {
+                                out[k] = raw;
+                            }
+                        }
+                        Err(e) if attempt == 0 => {
+                            failed.extend_from_slice(&group);
+                            first_error.get_or_insert(e);
+                        }
+                        Err(e) => return Err(e),
                     }
-                    group.clear();
-                    size = 0;
-                }
-                size += loc.frame_len() as usize;
-                group.push((ids[i], loc));
-                group_idx.push(i);
-            }
-            if !group.is_empty() {
-                for (k, raw) in group_idx.drain(..).zip(self.fetch_from_pack(pack, &group).await?) {
-                    out[k] = raw;
                 }
             }
+            let Some(e) = first_error else {
+                return Ok(out);
+            };
+            let again: Vec<ChunkId> = failed.iter().map(|&i| ids[i]).collect();
+            let fresh = self.locate(&again).await?;
+            if again.iter().all(|id| fresh.get(id) == locations.get(id)) {
+                return Err(e);
+            }
+            tracing::debug!("chunks moved to other packs while reading; reading them there");
+            locations.extend(fresh);
+            pending = failed;
         }
         Ok(out)
     }
@@ -331,6 +416,26 @@ impl ChunkServers {
             bytes: 0,
         })
     }
+}
+
+/// Splits `idxs` into groups whose total size stays within [`MAX_FETCH`].
+fn split_groups(idxs: &[usize], size: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let mut groups = Vec::new();
+    let mut group = Vec::new();
+    let mut total = 0usize;
+    for &i in idxs {
+        let n = size(i);
+        if total + n > MAX_FETCH && !group.is_empty() {
+            groups.push(std::mem::take(&mut group));
+            total = 0;
+        }
+        total += n;
+        group.push(i);
+    }
+    if !group.is_empty() {
+        groups.push(group);
+    }
+    groups
 }
 
 /// A pack being streamed to its first replica.

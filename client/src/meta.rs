@@ -336,6 +336,81 @@ impl MetaClient {
     }
 }
 
+fn json(reply: JsonReply) -> Result<serde_json::Value, ClientError> {
+    serde_json::from_str(&reply.json).map_err(|e| ClientError::Invalid(format!("malformed admin reply: {e}")))
+}
+
+/// Admin calls: tiering, GC, scrub. Each returns the server's JSON report.
+impl MetaClient {
+    /// Moves a version (or every version when `number` is `None`) to `to` (`object` or `ssd`).
+    pub async fn tier_move(
+        &self,
+        dataset: &str,
+        number: Option<u64>,
+        to: &str,
+        wait: bool,
+    ) -> Result<serde_json::Value, ClientError> {
+        let req = TierMoveRequest {
+            dataset: dataset.into(),
+            number,
+            to: to.into(),
+            wait,
+        };
+        json(
+            self.call(|mut c| {
+                let req = req.clone();
+                async move { c.tier_move(req).await }
+            })
+            .await?,
+        )
+    }
+
+    /// Sets (or with `None` removes) the cold-after policy of `dataset` ("" = every dataset).
+    pub async fn tier_policy(
+        &self,
+        dataset: &str,
+        cold_after_secs: Option<u64>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let req = PolicyRequest {
+            dataset: dataset.into(),
+            cold_after_secs,
+        };
+        json(
+            self.call(|mut c| {
+                let req = req.clone();
+                async move { c.tier_policy(req).await }
+            })
+            .await?,
+        )
+    }
+
+    pub async fn tier_status(&self) -> Result<serde_json::Value, ClientError> {
+        json(
+            self.call(|mut c| async move { c.tier_status(Empty {}).await })
+                .await?,
+        )
+    }
+
+    pub async fn gc(
+        &self,
+        dry_run: bool,
+        compact_below: Option<f64>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let req = GcRequest {
+            dry_run,
+            compact_below,
+        };
+        json(self.call(|mut c| async move { c.gc(req).await }).await?)
+    }
+
+    pub async fn scrub(&self, repair: bool) -> Result<serde_json::Value, ClientError> {
+        json(
+            self.call(|mut c| async move { c.scrub(ScrubRequestAll { repair }).await })
+                .await?,
+        )
+    }
+}
+
 fn tree_id(b: &[u8]) -> Result<TreeId, ClientError> {
     TreeId::from_slice(b)
         .filter(|_| b.len() == 32)

@@ -147,8 +147,41 @@ impl Progress for ProgressAdapter {
     }
 }
 
-/// Uploads `dir` as the next version of `dataset`.
+/// Uploads `dir` as the next version of `dataset`. If garbage collection
+/// removed a chunk this upload counted on (found present, then swept before
+/// the trees were stored), the upload runs once more: that time the chunk
+/// is sent.
 pub async fn upload_dir(
+    meta: &MetaClient,
+    chunks: &ChunkServers,
+    dir: &Path,
+    dataset: &str,
+    opts: &UploadOptions,
+    progress: Arc<dyn UploadProgress>,
+) -> Result<UploadReport, ClientError> {
+    match upload_once(meta, chunks, dir, dataset, opts, progress.clone()).await {
+        Err(e) if lost_to_gc(&e) => {
+            tracing::info!("a chunk was garbage-collected during the upload; uploading again: {e}");
+            upload_once(meta, chunks, dir, dataset, opts, progress).await
+        }
+        other => other,
+    }
+}
+
+/// True for the errors of a chunk that GC removed while an upload relied on it.
+fn lost_to_gc(e: &ClientError) -> bool {
+    let text = e.to_string();
+    text.contains("was removed from the cluster during the upload")
+        || (matches!(
+            e,
+            ClientError::Server {
+                code: tonic::Code::FailedPrecondition,
+                ..
+            }
+        ) && text.contains("which is not stored"))
+}
+
+async fn upload_once(
     meta: &MetaClient,
     chunks: &ChunkServers,
     dir: &Path,

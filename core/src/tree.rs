@@ -288,6 +288,31 @@ pub enum TreeObject {
     ChunkList(Vec<ChunkRef>),
 }
 
+impl TreeObject {
+    /// The tree objects (subdirectories, spilled chunk lists) and chunks
+    /// this object references directly.
+    pub fn references(&self) -> (Vec<TreeId>, Vec<ChunkId>) {
+        let mut trees = Vec::new();
+        let mut chunks = Vec::new();
+        match self {
+            TreeObject::Tree(t) => {
+                for e in t.entries() {
+                    match &e.data {
+                        EntryData::Dir { tree } => trees.push(*tree),
+                        EntryData::File { content, .. } => match content {
+                            FileContent::Inline(list) => chunks.extend(list.iter().map(|c| c.id)),
+                            FileContent::Spilled { list, .. } => trees.push(*list),
+                        },
+                        EntryData::Symlink { .. } => {}
+                    }
+                }
+            }
+            TreeObject::ChunkList(list) => chunks.extend(list.iter().map(|c| c.id)),
+        }
+        (trees, chunks)
+    }
+}
+
 /// Decodes and validates any tree object.
 pub fn decode_object(bytes: &[u8]) -> Result<TreeObject, TreeError> {
     let mut r = Cursor { buf: bytes, pos: 0 };

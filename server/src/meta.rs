@@ -4,6 +4,7 @@
 //! - [`command`]: the commands that are Raft entries, their replies and errors.
 //! - [`apply`]: [`MetaApp`], which applies a command deterministically
 //!   (the `granary_raft::App` implementation).
+//! - [`walk`]: which trees and chunks a set of versions reaches.
 //! - [`service`]: the `Meta` gRPC service: validates requests, proposes
 //!   commands through Raft, and serves reads (linearizable, except reads of
 //!   immutable objects that this node already has).
@@ -17,6 +18,7 @@ pub mod apply;
 pub mod command;
 pub mod service;
 pub mod state;
+pub mod walk;
 
 pub use apply::MetaApp;
 pub use service::MetaService;

@@ -25,9 +25,11 @@ use tokio_stream::StreamExt;
 use granary_client::MetaClient;
 
 use crate::chunk::{ChunkService, PackStore};
+use crate::cluster::Cluster;
 use crate::meta::command::MetaCommand;
 use crate::meta::state::NodeRecord;
 use crate::meta::{MetaApp, MetaService};
+use crate::object::ObjectTier;
 
 /// Which roles a node runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +82,9 @@ pub struct ServerConfig {
     pub roles: Roles,
     /// Replicas per pack; 0 means min(3, live chunk servers).
     pub replicas: usize,
+    /// The object tier (`s3://bucket[/prefix]` or `file:///path`); every
+    /// node of a cluster must name the same one. Default: `file://DATA_DIR/objects`.
+    pub object_store: Option<String>,
 }
 
 /// Why a node could not start or stopped.
@@ -111,6 +116,8 @@ pub enum ServerError {
     Raft(#[from] RaftNodeError),
     #[error("the gRPC server failed: {0}")]
     Serve(String),
+    #[error("{0}")]
+    ObjectStore(#[from] crate::object::ObjectError),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -179,6 +186,8 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
         ));
     }
     let _lock = claim_data_dir(&cfg.data_dir, cfg.node_id)?;
+    // Scratch space of a previous run (compaction, scrub) is garbage.
+    let _ = std::fs::remove_dir_all(cfg.data_dir.join("tmp"));
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -198,6 +207,25 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
         s
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let object_url = match &cfg.object_store {
+        Some(url) => url.clone(),
+        None => {
+            let dir =
+                std::path::absolute(cfg.data_dir.join("objects")).map_err(|source| ServerError::DataDir {
+                    path: cfg.data_dir.clone(),
+                    source,
+                })?;
+            format!("file://{}", dir.display())
+        }
+    };
+    let objects = ObjectTier::from_url(&object_url)?;
+    tracing::info!(url = %objects.url(), "object tier");
+    let cluster = Cluster::new(
+        node.clone(),
+        objects.clone(),
+        cfg.replicas,
+        cfg.data_dir.join("tmp"),
+    );
     let store = if cfg.roles.chunk {
         Some(
             PackStore::open(&cfg.data_dir.join("packs")).map_err(|source| ServerError::DataDir {
@@ -212,7 +240,12 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
         Some(store) => {
             let meta = MetaClient::connect(std::slice::from_ref(&cfg.listen))
                 .map_err(|e| ServerError::Unsupported(e.to_string()))?;
-            Some(ChunkService::new(cfg.node_id, store.clone(), meta).server())
+            Some(ChunkService::new(
+                cfg.node_id,
+                store.clone(),
+                objects.clone(),
+                meta,
+            ))
         }
         None => None,
     };
@@ -220,8 +253,8 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
         .initial_stream_window_size(granary_client::STREAM_WINDOW)
         .initial_connection_window_size(granary_client::CONNECTION_WINDOW)
         .add_service(PeerService::server(node.clone()))
-        .add_service(MetaService::new(node.clone(), cfg.replicas).server())
-        .add_optional_service(chunk_service);
+        .add_service(MetaService::new(cluster.clone()).server())
+        .add_optional_service(chunk_service.clone().map(ChunkService::server));
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     }));
@@ -238,12 +271,21 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
     let sweeper = store
         .clone()
         .map(|store| tokio::spawn(sweep_loop(store, cfg.clone())));
-    let heartbeat = tokio::spawn(heartbeat_loop(node.clone(), cfg.clone(), store, registered));
+    let mut background = vec![
+        tokio::spawn(heartbeat_loop(node.clone(), cfg.clone(), store, registered)),
+        tokio::spawn(crate::tier::mover::run(cluster.clone())),
+        tokio::spawn(crate::tier::policy::run(cluster.clone())),
+        tokio::spawn(crate::repair::run(cluster.clone())),
+    ];
+    if let Some(chunks) = &chunk_service {
+        background.push(tokio::spawn(report_reads(node.clone(), chunks.clone())));
+        background.push(tokio::spawn(scrub_loop(chunks.clone())));
+    }
+    background.extend(sweeper);
     shutdown.await;
     tracing::info!("shutting down");
-    heartbeat.abort();
-    if let Some(s) = sweeper {
-        s.abort();
+    for task in background {
+        task.abort();
     }
     let _ = stop_tx.send(());
     node.shutdown().await;
@@ -288,6 +330,36 @@ async fn sweep_loop(store: PackStore, cfg: ServerConfig) {
     loop {
         tokio::time::sleep(every).await;
         crate::chunk::store::sweep_unregistered(&store, &meta, cfg.node_id, grace).await;
+    }
+}
+
+/// Reports which packs this chunk server read (for the cold-after
+/// policies) every 5 s when there were reads.
+async fn report_reads(node: RaftNode<MetaApp>, chunks: ChunkService) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let reads = chunks.take_reads();
+        if reads.is_empty() {
+            continue;
+        }
+        let cmd = MetaCommand::TouchPacks { reads };
+        if let Err(e) = node.write(cmd.encode()).await {
+            tracing::debug!("pack read report dropped: {e}");
+        }
+    }
+}
+
+/// The slow background scrubber: verifies (and repairs) every local pack
+/// once a day (`GRANARY_SCRUB_SECS`).
+async fn scrub_loop(chunks: ChunkService) {
+    let every = std::env::var("GRANARY_SCRUB_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(86_400);
+    loop {
+        tokio::time::sleep(Duration::from_secs(every)).await;
+        let report = chunks.scrub(true).await;
+        tracing::info!(%report, "background scrub finished");
     }
 }
 

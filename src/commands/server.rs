@@ -14,6 +14,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         join: args.join,
         roles,
         replicas: args.replicas,
+        object_store: args.object_store,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -17,7 +17,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::store::PackStore;
+use super::store::{verify_pack, PackStore};
+use crate::object::ObjectTier;
 
 /// Largest piece of frame data in one streamed reply message.
 const READ_PIECE: usize = 4 << 20;
@@ -35,8 +36,25 @@ pub struct ChunkService {
 struct Inner {
     node_id: u64,
     store: PackStore,
+    objects: ObjectTier,
     meta: MetaClient,
     peers: Mutex<HashMap<String, Channel>>,
+    /// Packs read since the last report, and when (ms).
+    reads: Mutex<HashMap<u64, u64>>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Largest range asked of a peer in one call when copying a whole pack.
+const COPY_PIECE: u64 = 32 << 20;
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
 }
 
 fn pack_status(node: u64, id: u64, e: PackError) -> Status {
@@ -52,15 +70,191 @@ fn pack_status(node: u64, id: u64, e: PackError) -> Status {
 }
 
 impl ChunkService {
-    pub fn new(node_id: u64, store: PackStore, meta: MetaClient) -> Self {
+    pub fn new(node_id: u64, store: PackStore, objects: ObjectTier, meta: MetaClient) -> Self {
         Self {
             inner: Arc::new(Inner {
                 node_id,
                 store,
+                objects,
                 meta,
                 peers: Mutex::new(HashMap::new()),
+                reads: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// The packs read since the last call, with the time of their last read.
+    pub fn take_reads(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut *self.inner.reads.lock().expect("reads lock"))
+            .into_iter()
+            .collect()
+    }
+
+    /// Makes this server hold a verified copy of pack `id`: keeps a good
+    /// local copy, else copies it from the first peer that has a good one,
+    /// else from the object tier (`object_key`). Returns (bytes, source).
+    pub async fn restore(
+        &self,
+        id: u64,
+        peers: &[String],
+        object_key: &str,
+    ) -> Result<(u64, String), Status> {
+        let store = self.inner.store.clone();
+        let local = store.sealed_path(id);
+        if local.exists() {
+            match tokio::task::spawn_blocking(move || verify_pack(&local, id))
+                .await
+                .map_err(internal)?
+            {
+                Ok(len) => return Ok((len, "local".into())),
+                Err(e) => {
+                    tracing::warn!(pack = id, "local copy is damaged: {e}");
+                    store.quarantine(id).map_err(internal)?;
+                }
+            }
+        }
+        let mut errors = Vec::new();
+        for peer in peers {
+            match self.copy_from_peer(id, peer).await {
+                Ok(len) => return Ok((len, format!("replica {peer}"))),
+                Err(e) => errors.push(format!("{peer}: {e}")),
+            }
+        }
+        if !object_key.is_empty() {
+            let tmp = store.restore_path(id).map_err(internal)?;
+            let result = async {
+                self.inner
+                    .objects
+                    .get_to_file(object_key, &tmp)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.install_restored(id))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+            .await;
+            match result {
+                Ok(len) => return Ok((len, "object tier".into())),
+                Err(e) => errors.push(format!("object tier: {e}")),
+            }
+        }
+        Err(Status::data_loss(format!(
+            "pack {id} could not be restored on chunk server {}: {}",
+            self.inner.node_id,
+            if errors.is_empty() {
+                "no other copy is known".to_string()
+            } else {
+                errors.join("; ")
+            }
+        )))
+    }
+
+    /// Copies pack `id` from a peer's local copy, verifies and installs it.
+    async fn copy_from_peer(&self, id: u64, peer: &str) -> Result<u64, String> {
+        use std::io::Write;
+        let mut client = self.peer(peer).map_err(|s| s.message().to_string())?;
+        let stat = client
+            .pack_stat(PackStatRequest { pack_id: id })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        if !stat.present {
+            return Err("has no copy".into());
+        }
+        let tmp = self.inner.store.restore_path(id).map_err(|e| e.to_string())?;
+        let mut file = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
+        let mut offset = 0;
+        while offset < stat.bytes {
+            let len = (stat.bytes - offset).min(COPY_PIECE) as u32;
+            let mut stream = client
+                .get_frames(GetFramesRequest {
+                    pack_id: id,
+                    ranges: vec![FrameRange { offset, len }],
+                    object_key: String::new(),
+                })
+                .await
+                .map_err(|s| s.message().to_string())?
+                .into_inner();
+            while let Some(piece) = stream.message().await.map_err(|s| s.message().to_string())? {
+                file.write_all(&piece.data).map_err(|e| e.to_string())?;
+                offset += piece.data.len() as u64;
+            }
+        }
+        drop(file);
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.install_restored(id))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Verifies every local pack; see the `Scrub` RPC.
+    pub async fn scrub(&self, repair: bool) -> serde_json::Value {
+        let store = self.inner.store.clone();
+        let ids: Vec<u64> = match store.list_sealed() {
+            Ok(list) => list.into_iter().map(|(id, _)| id).collect(),
+            Err(e) => return serde_json::json!({"node": self.inner.node_id, "error": e.to_string()}),
+        };
+        let (mut bytes, mut bad, mut repaired, mut failed) = (0u64, Vec::new(), Vec::new(), Vec::new());
+        for id in &ids {
+            let id = *id;
+            let path = store.sealed_path(id);
+            let result = tokio::task::spawn_blocking(move || verify_pack(&path, id))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            match result {
+                Ok(len) => bytes += len,
+                Err(e) if !store.sealed_path(id).exists() => {
+                    tracing::debug!(pack = id, "pack went away during the scrub: {e}");
+                }
+                Err(e) => {
+                    tracing::warn!(pack = id, "scrub found a damaged pack: {e}");
+                    bad.push(id);
+                    if let Err(q) = store.quarantine(id) {
+                        failed.push(
+                            serde_json::json!({"pack": id, "error": format!("cannot quarantine: {q}")}),
+                        );
+                        continue;
+                    }
+                    if repair {
+                        match self.repair(id).await {
+                            Ok(source) => repaired.push(serde_json::json!({"pack": id, "from": source})),
+                            Err(e) => failed.push(serde_json::json!({"pack": id, "error": e})),
+                        }
+                    }
+                }
+            }
+        }
+        serde_json::json!({
+            "node": self.inner.node_id,
+            "packs": ids.len(),
+            "bytes": bytes,
+            "bad": bad,
+            "repaired": repaired,
+            "failed": failed,
+        })
+    }
+
+    /// Restores a quarantined pack from its other replicas or the object tier.
+    async fn repair(&self, id: u64) -> Result<String, String> {
+        let info = match self.inner.meta.get_pack(id).await {
+            Ok(info) => info,
+            Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+                return Ok("nothing: the pack is not registered (garbage)".into())
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let nodes = self.inner.meta.list_nodes().await.map_err(|e| e.to_string())?;
+        let peers: Vec<String> = info
+            .replicas
+            .iter()
+            .filter(|r| **r != self.inner.node_id)
+            .filter_map(|r| nodes.iter().find(|n| n.id == *r).map(|n| n.addr.clone()))
+            .collect();
+        self.restore(id, &peers, &info.object_key)
+            .await
+            .map(|(_, source)| source)
+            .map_err(|s| s.message().to_string())
     }
 
     /// The tonic service with Granary's message size limits.
@@ -332,7 +526,11 @@ impl Chunk for ChunkService {
         &self,
         req: Request<GetFramesRequest>,
     ) -> Result<Response<Self::GetFramesStream>, Status> {
-        let GetFramesRequest { pack_id, ranges } = req.into_inner();
+        let GetFramesRequest {
+            pack_id,
+            ranges,
+            object_key,
+        } = req.into_inner();
         let ranges: Vec<(u64, u32)> = ranges.iter().map(|r| (r.offset, r.len)).collect();
         if ranges.iter().map(|(_, l)| *l as usize).sum::<usize>() > MAX_READ {
             return Err(Status::invalid_argument(
@@ -341,16 +539,38 @@ impl Chunk for ChunkService {
         }
         let store = self.inner.store.clone();
         let node = self.inner.node_id;
-        let data = tokio::task::spawn_blocking(move || store.read_ranges(pack_id, &ranges))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    Status::not_found(format!("pack {pack_id} is not on chunk server {node}"))
-                }
-                std::io::ErrorKind::InvalidInput => Status::out_of_range(e.to_string()),
-                _ => Status::internal(format!("chunk server {node} cannot read pack {pack_id}: {e}")),
-            })?;
+        let local = {
+            let ranges = ranges.clone();
+            tokio::task::spawn_blocking(move || store.read_ranges(pack_id, &ranges))
+                .await
+                .map_err(internal)?
+        };
+        let data = match local {
+            Ok(data) => data,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !object_key.is_empty() => self
+                .inner
+                .objects
+                .get_ranges(&object_key, &ranges)
+                .await
+                .map_err(|e| match e {
+                    crate::object::ObjectError::NotFound { .. } => Status::not_found(e.to_string()),
+                    _ => Status::unavailable(e.to_string()),
+                })?,
+            Err(e) => {
+                return Err(match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        Status::not_found(format!("pack {pack_id} is not on chunk server {node}"))
+                    }
+                    std::io::ErrorKind::InvalidInput => Status::out_of_range(e.to_string()),
+                    _ => Status::internal(format!("chunk server {node} cannot read pack {pack_id}: {e}")),
+                })
+            }
+        };
+        self.inner
+            .reads
+            .lock()
+            .expect("reads lock")
+            .insert(pack_id, now_ms());
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             for piece in data.chunks(READ_PIECE) {
@@ -368,6 +588,63 @@ impl Chunk for ChunkService {
         Ok(Response::new(PackStatReply {
             present: size.is_some(),
             bytes: size.unwrap_or(0),
+        }))
+    }
+
+    async fn upload_pack(
+        &self,
+        req: Request<UploadPackRequest>,
+    ) -> Result<Response<UploadPackReply>, Status> {
+        let UploadPackRequest { pack_id, object_key } = req.into_inner();
+        if object_key.is_empty() {
+            return Err(Status::invalid_argument("UploadPack needs the object key"));
+        }
+        let path = self.inner.store.sealed_path(pack_id);
+        if !path.exists() {
+            return Err(Status::not_found(format!(
+                "pack {pack_id} is not on chunk server {}",
+                self.inner.node_id
+            )));
+        }
+        crate::fault::point("upload-before-put");
+        let bytes = self
+            .inner
+            .objects
+            .put_file(&object_key, &path)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(UploadPackReply { bytes }))
+    }
+
+    async fn restore_pack(
+        &self,
+        req: Request<RestorePackRequest>,
+    ) -> Result<Response<RestorePackReply>, Status> {
+        let RestorePackRequest {
+            pack_id,
+            peers,
+            object_key,
+        } = req.into_inner();
+        let (bytes, source) = self.restore(pack_id, &peers, &object_key).await?;
+        Ok(Response::new(RestorePackReply { bytes, source }))
+    }
+
+    async fn delete_pack(
+        &self,
+        req: Request<DeletePackRequest>,
+    ) -> Result<Response<DeletePackReply>, Status> {
+        let id = req.into_inner().pack_id;
+        let deleted = self.inner.store.delete(id);
+        if deleted {
+            tracing::info!(pack = id, "deleted the local copy of a pack");
+        }
+        Ok(Response::new(DeletePackReply { deleted }))
+    }
+
+    async fn scrub(&self, req: Request<ScrubRequest>) -> Result<Response<ScrubReply>, Status> {
+        let report = ChunkService::scrub(self, req.into_inner().repair).await;
+        Ok(Response::new(ScrubReply {
+            json: report.to_string(),
         }))
     }
 }

@@ -5,7 +5,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use granary_core::pack::{PackWriter, SealedPack};
+use granary_core::pack::{PackReader, PackWriter, SealedPack};
 use granary_core::PackError;
 
 /// The packs of one chunk server.
@@ -26,7 +26,7 @@ impl PackStore {
             }
             for f in std::fs::read_dir(&shard)? {
                 let p = f?.path();
-                if p.extension().is_some_and(|e| e == "open") {
+                if p.extension().is_some_and(|e| e == "open" || e == "restore") {
                     tracing::info!(path = %p.display(), "removing a pack from an interrupted session");
                     std::fs::remove_file(&p)?;
                 }
@@ -97,6 +97,53 @@ impl PackStore {
             );
         }
         Ok(())
+    }
+
+    /// Where a copy of pack `id` being restored is written before it is verified.
+    pub fn restore_path(&self, id: u64) -> io::Result<PathBuf> {
+        std::fs::create_dir_all(self.shard(id))?;
+        Ok(self.shard(id).join(format!("{id}.restore")))
+    }
+
+    /// Verifies the restored copy at [`restore_path`](Self::restore_path)
+    /// (every frame), makes it durable and moves it to its final name.
+    pub fn install_restored(&self, id: u64) -> Result<u64, String> {
+        let tmp = self.restore_path(id).map_err(|e| e.to_string())?;
+        let result = (|| {
+            let len = verify_pack(&tmp, id)?;
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, self.sealed_path(id)).map_err(|e| e.to_string())?;
+            File::open(self.shard(id))
+                .and_then(|d| d.sync_all())
+                .map_err(|e| e.to_string())?;
+            Ok(len)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Moves a damaged pack out of the way (into `quarantine/` next to the
+    /// packs) so nothing reads it and an operator can look at it.
+    pub fn quarantine(&self, id: u64) -> io::Result<PathBuf> {
+        let dir = self.dir.with_file_name("quarantine");
+        std::fs::create_dir_all(&dir)?;
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let dest = dir.join(format!("{id}.pack.{ts}"));
+        std::fs::rename(self.sealed_path(id), &dest)?;
+        tracing::warn!(pack = id, path = %dest.display(), "quarantined a damaged pack");
+        Ok(dest)
+    }
+
+    /// Deletes the local copy of pack `id`; true if there was one.
+    pub fn delete(&self, id: u64) -> bool {
+        std::fs::remove_file(self.sealed_path(id)).is_ok()
     }
 
     /// Drops an unfinished pack.
@@ -195,6 +242,28 @@ impl PackStore {
         let free = st.f_bavail as u64 * frsize;
         (capacity, capacity.saturating_sub(free))
     }
+}
+
+/// Checks every frame of the sealed pack at `path` and that it is pack `id`.
+/// Returns its length, or one line saying what is wrong.
+pub fn verify_pack(path: &Path, id: u64) -> Result<u64, String> {
+    let reader = PackReader::open(path).map_err(|e| e.to_string())?;
+    if reader.pack_id() != id {
+        return Err(format!(
+            "{} holds pack {}, not pack {id}",
+            path.display(),
+            reader.pack_id()
+        ));
+    }
+    let report = reader.verify().map_err(|e| e.to_string())?;
+    if let Some((entry, err)) = report.bad.first() {
+        return Err(format!(
+            "pack {id}: {} damaged frame(s), the first at offset {}: {err}",
+            report.bad.len(),
+            entry.offset
+        ));
+    }
+    Ok(reader.len())
 }
 
 /// How long a sealed pack may stay unregistered before the sweep removes it.

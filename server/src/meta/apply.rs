@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 
-use granary_core::tree::{decode_object, EntryData, FileContent, TreeObject};
+use granary_core::tree::decode_object;
 use granary_core::{validate_dataset_name, ChunkId, TreeId};
 use granary_raft::App;
 use rocksdb::{WriteBatch, DB};
@@ -50,6 +50,16 @@ fn internal(e: String) -> MetaError {
     MetaError::Internal(e)
 }
 
+fn check_tier(tier: &str) -> Result<(), MetaError> {
+    if tier == TIER_SSD || tier == TIER_OBJECT {
+        Ok(())
+    } else {
+        Err(MetaError::InvalidArgument(format!(
+            "unknown tier '{tier}': use {TIER_SSD} or {TIER_OBJECT}"
+        )))
+    }
+}
+
 fn check_name(name: &str) -> Result<(), MetaError> {
     validate_dataset_name(name).map_err(|e| MetaError::InvalidArgument(e.to_string()))
 }
@@ -89,6 +99,7 @@ impl Applier<'_, '_> {
                 for (n, _) in self.r.versions(&name).map_err(internal)? {
                     self.batch
                         .delete_cf(self.r.cf(CF_VERSIONS), version_key(&name, n));
+                    self.batch.delete_cf(self.r.cf(CF_PINS), version_key(&name, n));
                 }
                 // Keep a tombstone so the version numbers are never reused.
                 ds.deleted = true;
@@ -97,7 +108,7 @@ impl Applier<'_, '_> {
                 self.put(CF_DATASETS, name.as_bytes(), &ds);
                 Ok(MetaReply::Unit)
             }
-            MetaCommand::PutTrees { objects } => self.put_trees(objects),
+            MetaCommand::PutTrees { objects, now_ms } => self.put_trees(objects, now_ms),
             MetaCommand::CommitVersion {
                 dataset,
                 root,
@@ -173,6 +184,8 @@ impl Applier<'_, '_> {
                 }
                 self.batch
                     .delete_cf(self.r.cf(CF_VERSIONS), version_key(&dataset, number));
+                self.batch
+                    .delete_cf(self.r.cf(CF_PINS), version_key(&dataset, number));
                 ds.versions -= 1;
                 if ds.latest == Some(number) {
                     ds.latest = self
@@ -229,14 +242,308 @@ impl Applier<'_, '_> {
                 self.put(CF_NODES, &id.to_be_bytes(), &node);
                 Ok(MetaReply::Unit)
             }
+            MetaCommand::RemoveNodeRecord { id } => {
+                self.batch.delete_cf(self.r.cf(CF_NODES), id.to_be_bytes());
+                Ok(MetaReply::Unit)
+            }
+            MetaCommand::QueueMoves {
+                packs,
+                to,
+                pin,
+                unpin,
+                by,
+                now_ms,
+            } => {
+                check_tier(&to)?;
+                for (dataset, number) in &pin {
+                    if self.r.version(dataset, *number).map_err(internal)?.is_some() {
+                        let pin = PinRecord {
+                            by: by.clone(),
+                            pinned_ms: now_ms,
+                        };
+                        self.put(CF_PINS, &version_key(dataset, *number), &pin);
+                    }
+                }
+                for (dataset, number) in &unpin {
+                    self.batch
+                        .delete_cf(self.r.cf(CF_PINS), version_key(dataset, *number));
+                }
+                let mut queued = 0;
+                for id in packs {
+                    if self.r.pack(id).map_err(internal)?.is_some() {
+                        let record = MoveRecord {
+                            to: to.clone(),
+                            queued_ms: now_ms,
+                        };
+                        self.put(CF_MOVES, &id.to_be_bytes(), &record);
+                        queued += 1;
+                    }
+                }
+                Ok(MetaReply::Stored(queued))
+            }
+            MetaCommand::PackUploaded { id, object_key } => {
+                let mut pack = self.existing_pack(id)?;
+                if object_key.is_empty() {
+                    return Err(MetaError::InvalidArgument("object key must not be empty".into()));
+                }
+                pack.object_key = object_key;
+                self.put(CF_PACKS, &id.to_be_bytes(), &pack);
+                Ok(MetaReply::Unit)
+            }
+            MetaCommand::FinishMove {
+                id,
+                to,
+                replicas,
+                drop_object,
+            } => {
+                check_tier(&to)?;
+                self.batch.delete_cf(self.r.cf(CF_MOVES), id.to_be_bytes());
+                let Some(mut pack) = self.r.pack(id).map_err(internal)? else {
+                    // Deleted by GC meanwhile: nothing left to move.
+                    return Ok(MetaReply::Unit);
+                };
+                pack.tier = to;
+                pack.replicas = replicas;
+                if drop_object {
+                    pack.object_key.clear();
+                }
+                if !pack.has_copy() {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "pack {id} would have no copy left; the move is refused"
+                    )));
+                }
+                self.put(CF_PACKS, &id.to_be_bytes(), &pack);
+                Ok(MetaReply::Unit)
+            }
+            MetaCommand::SetReplicas { id, replicas } => {
+                let mut pack = self.existing_pack(id)?;
+                pack.replicas = replicas;
+                if !pack.has_copy() {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "pack {id} would have no copy left; the change is refused"
+                    )));
+                }
+                self.put(CF_PACKS, &id.to_be_bytes(), &pack);
+                Ok(MetaReply::Unit)
+            }
+            MetaCommand::TouchPacks { reads } => {
+                for (id, ms) in reads {
+                    let key = id.to_be_bytes();
+                    if !self.r.exists(CF_PACKS, &key).map_err(internal)? {
+                        continue;
+                    }
+                    let old = self.read_u64(CF_ACCESS, &key)?;
+                    if ms > old {
+                        self.batch.put_cf(self.r.cf(CF_ACCESS), key, ms.to_be_bytes());
+                    }
+                }
+                Ok(MetaReply::Unit)
+            }
+            MetaCommand::SetPolicy {
+                dataset,
+                cold_after_secs,
+            } => {
+                if !dataset.is_empty() {
+                    check_name(&dataset)?;
+                }
+                match cold_after_secs {
+                    Some(secs) => self.put(
+                        CF_POLICIES,
+                        dataset.as_bytes(),
+                        &PolicyRecord {
+                            cold_after_secs: secs,
+                        },
+                    ),
+                    None => self.batch.delete_cf(self.r.cf(CF_POLICIES), dataset.as_bytes()),
+                }
+                Ok(MetaReply::Unit)
+            }
+            MetaCommand::GcSweep {
+                mark_seq,
+                now_ms,
+                grace_ms,
+                trees,
+                chunks,
+                packs,
+            } => self.gc_sweep(mark_seq, now_ms, grace_ms, trees, chunks, packs),
+            MetaCommand::CompactPack {
+                old,
+                new_id,
+                pack,
+                chunks,
+            } => {
+                let old_record = self.existing_pack(old)?;
+                let new_key = new_id.to_be_bytes();
+                if self.r.exists(CF_PACKS, &new_key).map_err(internal)? {
+                    return Err(MetaError::AlreadyExists(format!(
+                        "pack {new_id} is already registered"
+                    )));
+                }
+                if !pack.has_copy() {
+                    return Err(MetaError::InvalidArgument(format!("pack {new_id} has no copy")));
+                }
+                let mut moved = 0;
+                for (key, loc) in &chunks {
+                    let current: Option<ChunkRecord> = self.r.get(CF_CHUNKS, key).map_err(internal)?;
+                    if current.is_some_and(|c| c.pack == old) {
+                        self.put(CF_CHUNKS, key, loc);
+                        moved += 1;
+                    }
+                }
+                self.put(CF_PACKS, &new_key, &pack);
+                self.forget_pack(old);
+                Ok(MetaReply::Compacted {
+                    moved,
+                    old: old_record,
+                })
+            }
         }
+    }
+
+    fn existing_pack(&self, id: u64) -> Result<PackRecord, MetaError> {
+        self.r
+            .pack(id)
+            .map_err(internal)?
+            .ok_or_else(|| MetaError::NotFound(format!("pack {id} is not registered")))
+    }
+
+    fn read_u64(&self, cf: &str, key: &[u8]) -> Result<u64, MetaError> {
+        Ok(
+            match self
+                .r
+                .db
+                .get_cf(self.r.cf(cf), key)
+                .map_err(|e| internal(e.to_string()))?
+            {
+                Some(v) => u64::from_be_bytes(
+                    v.as_slice()
+                        .try_into()
+                        .map_err(|_| internal(format!("damaged u64 in {cf}")))?,
+                ),
+                None => 0,
+            },
+        )
+    }
+
+    /// Deletes a pack's record and everything kept about it.
+    fn forget_pack(&mut self, id: u64) {
+        let key = id.to_be_bytes();
+        for cf in [CF_PACKS, CF_MOVES, CF_ACCESS] {
+            self.batch.delete_cf(self.r.cf(cf), key);
+        }
+    }
+
+    /// Applies a GC sweep; see [`MetaCommand::GcSweep`].
+    fn gc_sweep(
+        &mut self,
+        mark_seq: u64,
+        now_ms: u64,
+        grace_ms: u64,
+        trees: Vec<[u8; 32]>,
+        chunks: Vec<[u8; 32]>,
+        packs: Vec<u64>,
+    ) -> MetaResult {
+        // Trees stored after the mark, and everything they reach, stay.
+        let mut protected_trees: HashSet<TreeId> = HashSet::new();
+        let mut protected_chunks: HashSet<ChunkId> = HashSet::new();
+        let mut stack: Vec<TreeId> = Vec::new();
+        let log = self.r.cf(CF_TREE_LOG);
+        let start = (mark_seq + 1).to_be_bytes();
+        let mut prune = Vec::new();
+        for item in self.r.db.iterator_cf(log, rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| internal(e.to_string()))?;
+            if k.len() != 40 {
+                continue;
+            }
+            if k[..8] >= start[..] {
+                stack.push(TreeId::from_slice(&k[8..]).expect("32 bytes"));
+            } else {
+                let added = u64::from_be_bytes(v.as_ref().try_into().unwrap_or_default());
+                if added.saturating_add(grace_ms) < now_ms {
+                    prune.push(k.to_vec());
+                }
+            }
+        }
+        while let Some(t) = stack.pop() {
+            if !protected_trees.insert(t) {
+                continue;
+            }
+            let Some(data) = self
+                .r
+                .db
+                .get_pinned_cf(self.r.cf(CF_TREES), t.as_bytes())
+                .map_err(|e| internal(e.to_string()))?
+            else {
+                continue;
+            };
+            let object = decode_object(&data).map_err(|e| internal(format!("tree {t}: {e}")))?;
+            let (subtrees, cs) = object.references();
+            stack.extend(subtrees);
+            protected_chunks.extend(cs);
+        }
+        for k in prune {
+            self.batch.delete_cf(log, k);
+        }
+
+        let mut swept_trees = 0;
+        for t in trees {
+            if !protected_trees.contains(&TreeId::from_bytes(t)) {
+                self.batch.delete_cf(self.r.cf(CF_TREES), t);
+                swept_trees += 1;
+            }
+        }
+        let mut swept_chunks = 0;
+        let mut kept_packs: HashSet<u64> = HashSet::new();
+        let mut pack_cache: std::collections::HashMap<u64, Option<PackRecord>> = Default::default();
+        for c in chunks {
+            let Some(rec) = self.r.get::<ChunkRecord>(CF_CHUNKS, &c).map_err(internal)? else {
+                continue;
+            };
+            let pack = match pack_cache.get(&rec.pack) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = self.r.pack(rec.pack).map_err(internal)?;
+                    pack_cache.insert(rec.pack, p.clone());
+                    p
+                }
+            };
+            let young = pack
+                .as_ref()
+                .is_some_and(|p| p.registered_ms.saturating_add(grace_ms) > now_ms);
+            if young || protected_chunks.contains(&ChunkId::from_bytes(c)) {
+                kept_packs.insert(rec.pack);
+                continue;
+            }
+            self.batch.delete_cf(self.r.cf(CF_CHUNKS), c);
+            swept_chunks += 1;
+        }
+        let mut dropped = Vec::new();
+        for id in packs {
+            if kept_packs.contains(&id) {
+                continue;
+            }
+            let Some(p) = self.r.pack(id).map_err(internal)? else {
+                continue;
+            };
+            if p.registered_ms.saturating_add(grace_ms) > now_ms {
+                continue;
+            }
+            self.forget_pack(id);
+            dropped.push((id, p));
+        }
+        Ok(MetaReply::Swept {
+            trees: swept_trees,
+            chunks: swept_chunks,
+            packs: dropped,
+        })
     }
 
     /// Stores tree objects after checking each hashes to its id, decodes, and
     /// references only stored (or earlier in this batch) trees and chunks.
-    fn put_trees(&mut self, objects: Vec<(Vec<u8>, Vec<u8>)>) -> MetaResult {
+    fn put_trees(&mut self, objects: Vec<(Vec<u8>, Vec<u8>)>, now_ms: u64) -> MetaResult {
         let mut added: HashSet<TreeId> = HashSet::new();
         let mut stored = 0u32;
+        let mut seq = self.r.counter(COUNTER_TREE_SEQ).map_err(internal)?;
         for (id, data) in &objects {
             let id = TreeId::from_slice(id)
                 .filter(|_| id.len() == 32)
@@ -251,23 +558,7 @@ impl Applier<'_, '_> {
             }
             let object = decode_object(data)
                 .map_err(|e| MetaError::InvalidArgument(format!("tree object {id} is invalid: {e}")))?;
-            let mut trees: Vec<TreeId> = Vec::new();
-            let mut chunks: Vec<ChunkId> = Vec::new();
-            match &object {
-                TreeObject::Tree(t) => {
-                    for e in t.entries() {
-                        match &e.data {
-                            EntryData::Dir { tree } => trees.push(*tree),
-                            EntryData::File { content, .. } => match content {
-                                FileContent::Inline(list) => chunks.extend(list.iter().map(|c| c.id)),
-                                FileContent::Spilled { list, .. } => trees.push(*list),
-                            },
-                            EntryData::Symlink { .. } => {}
-                        }
-                    }
-                }
-                TreeObject::ChunkList(list) => chunks.extend(list.iter().map(|c| c.id)),
-            }
+            let (trees, chunks): (Vec<TreeId>, Vec<ChunkId>) = object.references();
             for t in trees {
                 if !added.contains(&t) && !self.r.exists(CF_TREES, t.as_bytes()).map_err(internal)? {
                     return Err(MetaError::FailedPrecondition(format!(
@@ -283,8 +574,17 @@ impl Applier<'_, '_> {
                 )));
             }
             self.batch.put_cf(self.r.cf(CF_TREES), id.as_bytes(), data);
+            seq += 1;
+            let mut log_key = seq.to_be_bytes().to_vec();
+            log_key.extend_from_slice(id.as_bytes());
+            self.batch
+                .put_cf(self.r.cf(CF_TREE_LOG), log_key, now_ms.to_be_bytes());
             added.insert(id);
             stored += 1;
+        }
+        if stored > 0 {
+            self.batch
+                .put_cf(self.r.cf(CF_COUNTERS), COUNTER_TREE_SEQ, seq.to_be_bytes());
         }
         Ok(MetaReply::Stored(stored))
     }
@@ -336,6 +636,7 @@ mod tests {
             &db,
             MetaCommand::PutTrees {
                 objects: vec![(root.as_bytes().to_vec(), tree)],
+                now_ms: 1,
             },
         )
         .unwrap();

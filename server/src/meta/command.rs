@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::state::{ChunkRecord, DatasetRecord, NodeRecord, PackRecord, Stats, VersionRecord};
 
+/// A chunk id as stored in commands.
+pub type ChunkKey = [u8; 32];
+
 /// One metadata mutation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCommand {
@@ -23,6 +26,7 @@ pub enum MetaCommand {
     /// Stores tree objects (trees and chunk lists), children before parents.
     PutTrees {
         objects: Vec<(Vec<u8>, Vec<u8>)>,
+        now_ms: u64,
     },
     CommitVersion {
         dataset: String,
@@ -49,6 +53,70 @@ pub enum MetaCommand {
     UpsertNode {
         id: u64,
         node: NodeRecord,
+    },
+    /// Forgets a node (removed from the cluster); its pack replicas are
+    /// re-replicated by the repair loop.
+    RemoveNodeRecord {
+        id: u64,
+    },
+    /// Pins or unpins versions to the object tier and queues pack moves.
+    QueueMoves {
+        packs: Vec<u64>,
+        /// [`TIER_SSD`](super::state::TIER_SSD) or [`TIER_OBJECT`](super::state::TIER_OBJECT).
+        to: String,
+        pin: Vec<(String, u64)>,
+        unpin: Vec<(String, u64)>,
+        /// `manual` or `policy`.
+        by: String,
+        now_ms: u64,
+    },
+    /// A pack's copy is now stored (and verified) in the object tier.
+    PackUploaded {
+        id: u64,
+        object_key: String,
+    },
+    /// Ends a move: the pack's home tier becomes `to` with these SSD replicas;
+    /// `drop_object` forgets the object copy. Removes the queued move.
+    FinishMove {
+        id: u64,
+        to: String,
+        replicas: Vec<u64>,
+        drop_object: bool,
+    },
+    /// Replaces a pack's SSD replica set (repair, re-replication).
+    SetReplicas {
+        id: u64,
+        replicas: Vec<u64>,
+    },
+    /// Last read times of packs, reported by chunk servers.
+    TouchPacks {
+        reads: Vec<(u64, u64)>,
+    },
+    /// Sets (`Some`) or clears (`None`) the tiering policy of a dataset
+    /// (empty name: the default for every dataset).
+    SetPolicy {
+        dataset: String,
+        cold_after_secs: Option<u64>,
+    },
+    /// Garbage collection's sweep, computed from a snapshot taken when the
+    /// tree log ended at `mark_seq`. Trees added after that (and everything
+    /// they reference) and chunks of packs registered within `grace_ms` are
+    /// kept whatever the lists say.
+    GcSweep {
+        mark_seq: u64,
+        now_ms: u64,
+        grace_ms: u64,
+        trees: Vec<ChunkKey>,
+        chunks: Vec<ChunkKey>,
+        packs: Vec<u64>,
+    },
+    /// Compaction: registers pack `new_id` (holding copies of `old`'s live
+    /// chunks), re-points those chunks to it and forgets `old`.
+    CompactPack {
+        old: u64,
+        new_id: u64,
+        pack: PackRecord,
+        chunks: Vec<(ChunkKey, ChunkRecord)>,
     },
 }
 
@@ -77,6 +145,17 @@ pub enum MetaReply {
     },
     Stored(u32),
     PackId(u64),
+    /// What a sweep removed; the packs' copies can now be deleted.
+    Swept {
+        trees: u64,
+        chunks: u64,
+        packs: Vec<(u64, PackRecord)>,
+    },
+    /// A compaction's result: chunks re-pointed and the old pack's record.
+    Compacted {
+        moved: u64,
+        old: PackRecord,
+    },
 }
 
 /// Why a command was refused. The message is the user-facing line.

@@ -6,45 +6,19 @@
 //! (a numbered version, a tree by id) that this node has already applied:
 //! those are served locally.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use granary_client::proto::meta_server::{Meta, MetaServer};
 use granary_client::proto::*;
 use granary_core::{validate_dataset_name, TreeId};
-use granary_raft::{RaftNode, RaftNodeError};
 use tonic::{Request, Response, Status};
 
-use super::apply::MetaApp;
-use super::command::{dataset_not_found, version_not_found, MetaCommand, MetaReply, MetaResult};
+use super::command::{dataset_not_found, version_not_found, MetaCommand, MetaReply};
 use super::state::*;
+use crate::cluster::{id_of, internal, node_view, now_ms, raft_status, Cluster};
 
 /// The service; cheap to clone.
 #[derive(Clone)]
 pub struct MetaService {
-    node: RaftNode<MetaApp>,
-    /// Replicas per pack; 0 means min(3, live chunk servers).
-    replicas: usize,
-}
-
-/// A chunk server that has not sent a heartbeat for this long is not given new packs.
-const CHUNK_SERVER_TIMEOUT_MS: u64 = 90_000;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn raft_status(e: RaftNodeError) -> Status {
-    match e {
-        RaftNodeError::Membership(_) => Status::failed_precondition(e.to_string()),
-        _ => Status::unavailable(e.to_string()),
-    }
-}
-
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
+    cluster: Cluster,
 }
 
 fn check_name(name: &str) -> Result<(), Status> {
@@ -54,11 +28,6 @@ fn check_name(name: &str) -> Result<(), Status> {
 fn id32(b: &[u8], what: &str) -> Result<[u8; 32], Status> {
     b.try_into()
         .map_err(|_| Status::invalid_argument(format!("{what} must be 32 bytes, got {}", b.len())))
-}
-
-/// A pack or node id from its big-endian key.
-fn id_of(key: &[u8]) -> u64 {
-    u64::from_be_bytes(key.try_into().unwrap_or_default())
 }
 
 fn dataset_view(name: String, d: &DatasetRecord) -> Dataset {
@@ -104,56 +73,9 @@ fn pack_view(id: u64, p: &PackRecord) -> PackInfo {
     }
 }
 
-fn node_view(id: u64, n: &NodeRecord) -> NodeInfo {
-    NodeInfo {
-        id,
-        addr: n.addr.clone(),
-        roles: n.roles.clone(),
-        capacity: n.capacity,
-        used: n.used,
-        last_heartbeat_ms: n.last_heartbeat_ms,
-    }
-}
-
 impl MetaService {
-    pub fn new(node: RaftNode<MetaApp>, replicas: usize) -> Self {
-        Self { node, replicas }
-    }
-
-    /// Picks the chunk servers for pack `id`: live chunk servers, rotated by
-    /// the pack id so packs spread evenly.
-    fn pick_replicas(&self, id: u64) -> Result<Vec<NodeInfo>, Status> {
-        let now = now_ms();
-        let mut live: Vec<NodeInfo> = self
-            .reader()
-            .all::<NodeRecord>(CF_NODES)
-            .map_err(internal)?
-            .into_iter()
-            .filter(|(_, n)| n.roles.iter().any(|r| r == "chunk"))
-            .filter(|(_, n)| now.saturating_sub(n.last_heartbeat_ms) < CHUNK_SERVER_TIMEOUT_MS)
-            .map(|(k, n)| node_view(id_of(&k), &n))
-            .collect();
-        if live.is_empty() {
-            return Err(Status::failed_precondition(
-                "no chunk server is available; start a node with --role meta,chunk or --role chunk",
-            ));
-        }
-        let want = if self.replicas == 0 {
-            live.len().min(3)
-        } else {
-            self.replicas
-        };
-        if want > live.len() {
-            return Err(Status::failed_precondition(format!(
-                "{want} replicas are required but only {} chunk servers are available; start more or lower --replicas",
-                live.len()
-            )));
-        }
-        live.sort_by_key(|n| n.id);
-        let start = (id as usize) % live.len();
-        live.rotate_left(start);
-        live.truncate(want);
-        Ok(live)
+    pub fn new(cluster: Cluster) -> Self {
+        Self { cluster }
     }
 
     /// The tonic service with Granary's message size limits.
@@ -164,17 +86,15 @@ impl MetaService {
     }
 
     async fn propose(&self, cmd: MetaCommand) -> Result<MetaReply, Status> {
-        let bytes = self.node.write(cmd.encode()).await.map_err(raft_status)?;
-        let result: MetaResult = bincode::deserialize(&bytes).map_err(internal)?;
-        result.map_err(Status::from)
+        self.cluster.propose(cmd).await
     }
 
     async fn barrier(&self) -> Result<(), Status> {
-        self.node.read_barrier().await.map_err(raft_status)
+        self.cluster.barrier().await
     }
 
     fn reader(&self) -> Reader<'_> {
-        Reader { db: self.node.db() }
+        self.cluster.reader()
     }
 
     fn local_version(&self, dataset: &str, number: u64) -> Result<Option<VersionRecord>, Status> {
@@ -226,7 +146,13 @@ impl Meta for MetaService {
             .into_iter()
             .map(|o| (o.id, o.data))
             .collect();
-        match self.propose(MetaCommand::PutTrees { objects }).await? {
+        match self
+            .propose(MetaCommand::PutTrees {
+                objects,
+                now_ms: now_ms(),
+            })
+            .await?
+        {
             MetaReply::Stored(stored) => Ok(Response::new(PutTreesReply { stored })),
             other => Err(internal(format!("unexpected reply {other:?}"))),
         }
@@ -239,12 +165,12 @@ impl Meta for MetaService {
         for id in ids {
             let key = id32(&id, "tree id")?;
             let cf = self.reader().cf(CF_TREES);
-            let mut data = self.node.db().get_cf(cf, key).map_err(internal)?;
+            let mut data = self.cluster.node().db().get_cf(cf, key).map_err(internal)?;
             if data.is_none() && !barrier_done {
                 // Trees are immutable: only a miss needs the barrier.
                 self.barrier().await?;
                 barrier_done = true;
-                data = self.node.db().get_cf(cf, key).map_err(internal)?;
+                data = self.cluster.node().db().get_cf(cf, key).map_err(internal)?;
             }
             let data = data.ok_or_else(|| {
                 Status::not_found(format!("tree {} is not stored", TreeId::from_bytes(key)))
@@ -379,7 +305,7 @@ impl Meta for MetaService {
             MetaReply::PackId(id) => id,
             other => return Err(internal(format!("unexpected reply {other:?}"))),
         };
-        let replicas = self.pick_replicas(id)?;
+        let replicas = self.cluster.pick_replicas(id)?;
         Ok(Response::new(PackAllocation { id, replicas }))
     }
 
@@ -486,7 +412,7 @@ impl Meta for MetaService {
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let local_only = req.into_inner().local_only;
-        let me = self.node.status().await.map_err(raft_status)?;
+        let me = self.cluster.node().status().await.map_err(raft_status)?;
         let mut cluster = Vec::new();
         if !local_only {
             let mut tasks = tokio::task::JoinSet::new();
@@ -494,7 +420,7 @@ impl Meta for MetaService {
                 if id == me.node_id {
                     continue;
                 }
-                let node = self.node.clone();
+                let node = self.cluster.node().clone();
                 tasks.spawn(async move { (id, addr.clone(), node.peer_status(&addr).await) });
             }
             cluster.push(serde_json::to_value(&me).map_err(internal)?);
@@ -513,15 +439,82 @@ impl Meta for MetaService {
 
     async fn add_node(&self, req: Request<AddNodeRequest>) -> Result<Response<Empty>, Status> {
         let AddNodeRequest { id, addr } = req.into_inner();
-        self.node.add_node(id, addr).await.map_err(raft_status)?;
+        self.cluster
+            .node()
+            .add_node(id, addr)
+            .await
+            .map_err(raft_status)?;
         Ok(Response::new(Empty {}))
     }
 
     async fn remove_node(&self, req: Request<NodeRef>) -> Result<Response<Empty>, Status> {
-        self.node
-            .remove_node(req.into_inner().id)
-            .await
-            .map_err(raft_status)?;
+        let id = req.into_inner().id;
+        self.cluster.node().remove_node(id).await.map_err(raft_status)?;
+        // Its packs are re-replicated by the repair loop.
+        self.propose(MetaCommand::RemoveNodeRecord { id }).await?;
         Ok(Response::new(Empty {}))
+    }
+
+    async fn tier_move(&self, req: Request<TierMoveRequest>) -> Result<Response<JsonReply>, Status> {
+        let r = req.into_inner();
+        let report = crate::tier::plan::tier_move(&self.cluster, &r.dataset, r.number, &r.to, r.wait).await?;
+        Ok(Response::new(JsonReply {
+            json: report.to_string(),
+        }))
+    }
+
+    async fn tier_policy(&self, req: Request<PolicyRequest>) -> Result<Response<JsonReply>, Status> {
+        let PolicyRequest {
+            dataset,
+            cold_after_secs,
+        } = req.into_inner();
+        if !dataset.is_empty() {
+            check_name(&dataset)?;
+        }
+        self.propose(MetaCommand::SetPolicy {
+            dataset: dataset.clone(),
+            cold_after_secs,
+        })
+        .await?;
+        let json = serde_json::json!({
+            "dataset": if dataset.is_empty() { "*" } else { &dataset },
+            "cold_after_secs": cold_after_secs,
+        });
+        Ok(Response::new(JsonReply {
+            json: json.to_string(),
+        }))
+    }
+
+    async fn tier_status(&self, _req: Request<Empty>) -> Result<Response<JsonReply>, Status> {
+        let report = crate::tier::plan::tier_status(&self.cluster).await?;
+        Ok(Response::new(JsonReply {
+            json: report.to_string(),
+        }))
+    }
+
+    async fn gc(&self, req: Request<GcRequest>) -> Result<Response<JsonReply>, Status> {
+        let r = req.into_inner();
+        let compact_below = r.compact_below.unwrap_or(0.5);
+        if !(0.0..=1.0).contains(&compact_below) {
+            return Err(Status::invalid_argument(
+                "--compact-below must be between 0 and 1 (a share of a pack's bytes)",
+            ));
+        }
+        let opts = crate::gc::GcOptions {
+            dry_run: r.dry_run,
+            compact_below,
+            grace: crate::gc::default_grace(),
+        };
+        let report = crate::gc::run(&self.cluster, opts).await?;
+        Ok(Response::new(JsonReply {
+            json: report.to_string(),
+        }))
+    }
+
+    async fn scrub(&self, req: Request<ScrubRequestAll>) -> Result<Response<JsonReply>, Status> {
+        let report = crate::repair::scrub(&self.cluster, req.into_inner().repair).await?;
+        Ok(Response::new(JsonReply {
+            json: report.to_string(),
+        }))
     }
 }

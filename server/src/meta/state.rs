@@ -9,6 +9,15 @@
 //! | `packs` | pack id (u64 BE) | [`PackRecord`] |
 //! | `nodes` | node id (u64 BE) | [`NodeRecord`] |
 //! | `counters` | name | u64 BE |
+//! | `moves` | pack id (u64 BE) | [`MoveRecord`]: a queued tier move |
+//! | `pins` | version key | [`PinRecord`]: a version kept on the object tier |
+//! | `policies` | dataset name (empty: every dataset) | [`PolicyRecord`] |
+//! | `access` | pack id (u64 BE) | last read reported by a chunk server (ms, u64 BE) |
+//! | `tree_log` | sequence (u64 BE), tree id | time added (ms, u64 BE) |
+//!
+//! `tree_log` lists every tree object in the order `PutTrees` added it, so
+//! garbage collection can protect trees (and what they reference) that
+//! arrived after it marked: see [`crate::gc`].
 //!
 //! Records are bincode prefixed with a format version byte ([`RECORD_VERSION`]);
 //! a record with another version is an error, never misread, so a later
@@ -25,6 +34,11 @@ pub const CF_CHUNKS: &str = "chunks";
 pub const CF_PACKS: &str = "packs";
 pub const CF_NODES: &str = "nodes";
 pub const CF_COUNTERS: &str = "counters";
+pub const CF_MOVES: &str = "moves";
+pub const CF_PINS: &str = "pins";
+pub const CF_POLICIES: &str = "policies";
+pub const CF_ACCESS: &str = "access";
+pub const CF_TREE_LOG: &str = "tree_log";
 
 /// Every column family of the metadata model, in snapshot order.
 pub const COLUMN_FAMILIES: &[&str] = &[
@@ -35,12 +49,22 @@ pub const COLUMN_FAMILIES: &[&str] = &[
     CF_PACKS,
     CF_NODES,
     CF_COUNTERS,
+    CF_MOVES,
+    CF_PINS,
+    CF_POLICIES,
+    CF_ACCESS,
+    CF_TREE_LOG,
 ];
 
 /// Format version of every record below.
 pub const RECORD_VERSION: u8 = 1;
 
 pub const COUNTER_PACK_ID: &[u8] = b"pack_id";
+/// Sequence number of the last `tree_log` entry.
+pub const COUNTER_TREE_SEQ: &[u8] = b"tree_seq";
+
+pub const TIER_SSD: &str = "ssd";
+pub const TIER_OBJECT: &str = "object";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatasetRecord {
@@ -83,17 +107,49 @@ pub struct ChunkRecord {
     pub raw_len: u32,
 }
 
+/// A sealed pack and where its copies are. Invariant (checked by `apply`):
+/// a pack always has an SSD replica or an object copy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackRecord {
-    /// `ssd` or `object`.
+    /// The pack's home tier: [`TIER_SSD`] or [`TIER_OBJECT`].
     pub tier: String,
     /// Chunk servers holding an SSD replica.
     pub replicas: Vec<u64>,
     pub bytes: u64,
     pub chunks: u64,
-    /// Key in the object tier, when there.
+    /// Key of the pack's copy in the object tier; empty when there is none.
     pub object_key: String,
     pub registered_ms: u64,
+}
+
+impl PackRecord {
+    /// True when the pack has at least one readable copy.
+    pub fn has_copy(&self) -> bool {
+        !self.replicas.is_empty() || !self.object_key.is_empty()
+    }
+}
+
+/// A pack queued to move to another tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    /// [`TIER_SSD`] or [`TIER_OBJECT`].
+    pub to: String,
+    pub queued_ms: u64,
+}
+
+/// A version kept on the object tier (its packs move there once no
+/// unpinned version references them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinRecord {
+    /// `manual` (`granary admin tier move`) or `policy` (the cold-after policy).
+    pub by: String,
+    pub pinned_ms: u64,
+}
+
+/// A tiering policy: versions not read for `cold_after_secs` move to the object tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub cold_after_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +179,16 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
         )),
         None => Err("empty metadata record".into()),
     }
+}
+
+/// Splits a version key into dataset name and number.
+pub fn split_version_key(key: &[u8]) -> Option<(String, u64)> {
+    if key.len() < 9 || key[key.len() - 9] != 0 {
+        return None;
+    }
+    let (name, rest) = key.split_at(key.len() - 9);
+    let n = u64::from_be_bytes(rest[1..].try_into().ok()?);
+    Some((String::from_utf8(name.to_vec()).ok()?, n))
 }
 
 /// Key of version `number` of `dataset`.
@@ -210,6 +276,26 @@ impl<'a> Reader<'a> {
             out.push((n, decode(&v)?));
         }
         Ok(out)
+    }
+
+    /// A u64 counter (0 when never set).
+    pub fn counter(&self, name: &[u8]) -> Result<u64, String> {
+        match self
+            .db
+            .get_cf(self.cf(CF_COUNTERS), name)
+            .map_err(|e| e.to_string())?
+        {
+            Some(v) => Ok(u64::from_be_bytes(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| "damaged counter".to_string())?,
+            )),
+            None => Ok(0),
+        }
+    }
+
+    pub fn pack(&self, id: u64) -> Result<Option<PackRecord>, String> {
+        self.get(CF_PACKS, &id.to_be_bytes())
     }
 
     /// Every record of `cf`, in key order.

@@ -1,0 +1,218 @@
+//! [`Cluster`]: one node's handle on the whole cluster, used by the `Meta`
+//! service and the background work that runs on the leader (the tier mover,
+//! re-replication, the policy scan) or on demand (GC, scrub).
+//!
+//! It bundles the Raft node (propose commands, read the applied state), the
+//! object tier, gRPC clients for chunk servers, and placement: which chunk
+//! servers are alive and which get a new copy of a pack.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use granary_client::chunk_proto::chunk_client::ChunkClient;
+use granary_client::proto::NodeInfo;
+use granary_raft::{RaftNode, RaftNodeError};
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::meta::command::{MetaCommand, MetaReply, MetaResult};
+use crate::meta::state::{NodeRecord, Reader, CF_NODES};
+use crate::meta::MetaApp;
+use crate::object::ObjectTier;
+
+/// A chunk server that has not sent a heartbeat for this long is not given new packs.
+pub const CHUNK_SERVER_TIMEOUT_MS: u64 = 90_000;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A Raft error as the gRPC status a client sees.
+pub fn raft_status(e: RaftNodeError) -> Status {
+    match e {
+        RaftNodeError::Membership(_) => Status::failed_precondition(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
+    }
+}
+
+pub fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// A node id from its big-endian key.
+pub fn id_of(key: &[u8]) -> u64 {
+    u64::from_be_bytes(key.try_into().unwrap_or_default())
+}
+
+/// The cluster as seen from this node; cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node: RaftNode<MetaApp>,
+    objects: ObjectTier,
+    /// Replicas per pack; 0 means min(3, live chunk servers).
+    replicas: usize,
+    /// Scratch space for whole packs (compaction, object-tier scrub).
+    tmp_dir: std::path::PathBuf,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Cluster {
+    pub fn new(
+        node: RaftNode<MetaApp>,
+        objects: ObjectTier,
+        replicas: usize,
+        tmp_dir: std::path::PathBuf,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                node,
+                objects,
+                replicas,
+                tmp_dir,
+                channels: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn node(&self) -> &RaftNode<MetaApp> {
+        &self.inner.node
+    }
+
+    pub fn objects(&self) -> &ObjectTier {
+        &self.inner.objects
+    }
+
+    /// A new scratch directory (deleted when dropped) on the data disk.
+    pub fn scratch(&self) -> std::io::Result<tempfile::TempDir> {
+        std::fs::create_dir_all(&self.inner.tmp_dir)?;
+        tempfile::tempdir_in(&self.inner.tmp_dir)
+    }
+
+    /// Typed reads of this node's applied state.
+    pub fn reader(&self) -> Reader<'_> {
+        Reader {
+            db: self.inner.node.db(),
+        }
+    }
+
+    /// True while this node is the Raft leader.
+    pub fn is_leader(&self) -> bool {
+        let id = self.inner.node.id();
+        self.inner.node.raft().metrics().borrow().current_leader == Some(id)
+    }
+
+    /// Commits a command through Raft and returns its reply.
+    pub async fn propose(&self, cmd: MetaCommand) -> Result<MetaReply, Status> {
+        let bytes = self.inner.node.write(cmd.encode()).await.map_err(raft_status)?;
+        let result: MetaResult = bincode::deserialize(&bytes).map_err(internal)?;
+        result.map_err(Status::from)
+    }
+
+    /// Waits until this node has applied everything committed before the call.
+    pub async fn barrier(&self) -> Result<(), Status> {
+        self.inner.node.read_barrier().await.map_err(raft_status)
+    }
+
+    /// A client for the chunk server at `addr`.
+    pub fn chunk(&self, addr: &str) -> Result<ChunkClient<Channel>, Status> {
+        let mut channels = self.inner.channels.lock().expect("channel map lock");
+        let channel = match channels.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = granary_raft::network::endpoint(addr)
+                    .map_err(|e| Status::invalid_argument(format!("bad chunk server address '{addr}': {e}")))?
+                    .connect_lazy();
+                channels.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(ChunkClient::new(channel)
+            .max_decoding_message_size(granary_client::MAX_MESSAGE)
+            .max_encoding_message_size(granary_client::MAX_MESSAGE))
+    }
+
+    /// Every registered chunk server, by id.
+    pub fn chunk_nodes(&self) -> Result<Vec<(u64, NodeRecord)>, Status> {
+        Ok(self
+            .reader()
+            .all::<NodeRecord>(CF_NODES)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|(_, n)| n.roles.iter().any(|r| r == "chunk"))
+            .map(|(k, n)| (id_of(&k), n))
+            .collect())
+    }
+
+    /// Chunk servers heard from within `max_age_ms`, sorted by id.
+    pub fn live_chunk_nodes(&self, max_age_ms: u64) -> Result<Vec<(u64, NodeRecord)>, Status> {
+        let now = now_ms();
+        let mut live: Vec<(u64, NodeRecord)> = self
+            .chunk_nodes()?
+            .into_iter()
+            .filter(|(_, n)| now.saturating_sub(n.last_heartbeat_ms) < max_age_ms)
+            .collect();
+        live.sort_by_key(|(id, _)| *id);
+        Ok(live)
+    }
+
+    /// The address of node `id`, if registered.
+    pub fn addr_of(&self, id: u64) -> Option<String> {
+        self.reader()
+            .get::<NodeRecord>(CF_NODES, &id.to_be_bytes())
+            .ok()
+            .flatten()
+            .map(|n| n.addr)
+    }
+
+    /// How many replicas a pack should have now.
+    pub fn replication(&self, live: usize) -> usize {
+        if self.inner.replicas == 0 {
+            live.min(3)
+        } else {
+            self.inner.replicas
+        }
+    }
+
+    /// Picks the chunk servers for pack `id`: live chunk servers, rotated by
+    /// the pack id so packs spread evenly.
+    pub fn pick_replicas(&self, id: u64) -> Result<Vec<NodeInfo>, Status> {
+        let live = self.live_chunk_nodes(CHUNK_SERVER_TIMEOUT_MS)?;
+        if live.is_empty() {
+            return Err(Status::failed_precondition(
+                "no chunk server is available; start a node with --role meta,chunk or --role chunk",
+            ));
+        }
+        let want = self.replication(live.len());
+        if want > live.len() {
+            return Err(Status::failed_precondition(format!(
+                "{want} replicas are required but only {} chunk servers are available; start more or lower --replicas",
+                live.len()
+            )));
+        }
+        let mut live: Vec<NodeInfo> = live.iter().map(|(id, n)| node_view(*id, n)).collect();
+        let start = (id as usize) % live.len();
+        live.rotate_left(start);
+        live.truncate(want);
+        Ok(live)
+    }
+}
+
+pub fn node_view(id: u64, n: &NodeRecord) -> NodeInfo {
+    NodeInfo {
+        id,
+        addr: n.addr.clone(),
+        roles: n.roles.clone(),
+        capacity: n.capacity,
+        used: n.used,
+        last_heartbeat_ms: n.last_heartbeat_ms,
+    }
+}

@@ -1,0 +1,217 @@
+//! The tier mover: runs on every meta node, works only while that node is
+//! the leader, and drains the `moves` queue a few packs at a time.
+//!
+//! Steps of a move to the object tier (crash points in brackets, see
+//! [`crate::fault`]):
+//! 1. a chunk server holding a replica uploads the pack (`UploadPack`),
+//!    which checks the stored object's size; [`move-after-upload`]
+//! 2. Raft records the object copy (`PackUploaded`); [`move-after-record`]
+//! 3. Raft records the object tier as home, no SSD replicas, and drops the
+//!    queue entry (`FinishMove`); [`move-after-finish`]
+//! 4. the replicas' files are deleted (a crash here leaves files that the
+//!    chunk servers' sweep of unregistered packs removes).
+//!
+//! A move back to SSD: chunk servers restore verified copies from the object
+//! (`RestorePack`), Raft records them as replicas and forgets the object
+//! copy (`FinishMove`), then the object is deleted.
+//!
+//! Readers are never without a copy: until step 3 the SSD replicas are
+//! listed; from step 2 on the object copy is too, and clients that find a
+//! replica gone ask meta again and read through any chunk server.
+
+use std::time::Duration;
+
+use granary_client::chunk_proto::{DeletePackRequest, RestorePackRequest, UploadPackRequest};
+use tokio::task::JoinSet;
+
+use crate::cluster::{internal, Cluster, CHUNK_SERVER_TIMEOUT_MS};
+use crate::fault;
+use crate::meta::command::MetaCommand;
+use crate::meta::state::{MoveRecord, PackRecord, CF_MOVES, TIER_OBJECT, TIER_SSD};
+
+/// Packs moved at the same time.
+const PARALLEL_MOVES: usize = 4;
+/// How often the queue is looked at.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Runs the mover until the task is aborted.
+pub async fn run(cluster: Cluster) {
+    loop {
+        tokio::time::sleep(POLL).await;
+        if !cluster.is_leader() {
+            continue;
+        }
+        let queue: Vec<(u64, MoveRecord)> = match cluster.reader().all::<MoveRecord>(CF_MOVES) {
+            Ok(q) => q
+                .into_iter()
+                .map(|(k, m)| (crate::cluster::id_of(&k), m))
+                .collect(),
+            Err(e) => {
+                tracing::warn!("mover cannot read its queue: {e}");
+                continue;
+            }
+        };
+        if queue.is_empty() {
+            continue;
+        }
+        tracing::info!(packs = queue.len(), "tier mover: working through the queue");
+        let mut tasks = JoinSet::new();
+        for (id, m) in queue {
+            while tasks.len() >= PARALLEL_MOVES {
+                tasks.join_next().await;
+            }
+            let cluster = cluster.clone();
+            tasks.spawn(async move {
+                if let Err(e) = move_pack(&cluster, id, &m.to).await {
+                    tracing::warn!(pack = id, to = %m.to, "tier move failed, will retry: {}", e.message());
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Carries one queued move as far as it goes.
+pub async fn move_pack(cluster: &Cluster, id: u64, to: &str) -> Result<(), tonic::Status> {
+    let Some(pack) = cluster.reader().pack(id).map_err(internal)? else {
+        // Deleted by GC: just drop the queue entry.
+        return finish(cluster, id, to, Vec::new(), false).await;
+    };
+    if to == TIER_OBJECT {
+        to_object(cluster, id, pack).await
+    } else {
+        to_ssd(cluster, id, pack).await
+    }
+}
+
+async fn finish(
+    cluster: &Cluster,
+    id: u64,
+    to: &str,
+    replicas: Vec<u64>,
+    drop_object: bool,
+) -> Result<(), tonic::Status> {
+    cluster
+        .propose(MetaCommand::FinishMove {
+            id,
+            to: to.to_string(),
+            replicas,
+            drop_object,
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Replica addresses of `pack`, live chunk servers first.
+fn replica_addrs(cluster: &Cluster, pack: &PackRecord) -> Vec<(u64, String)> {
+    let live: Vec<u64> = cluster
+        .live_chunk_nodes(CHUNK_SERVER_TIMEOUT_MS)
+        .map(|l| l.into_iter().map(|(id, _)| id).collect())
+        .unwrap_or_default();
+    let mut out: Vec<(u64, String)> = pack
+        .replicas
+        .iter()
+        .filter_map(|r| cluster.addr_of(*r).map(|a| (*r, a)))
+        .collect();
+    out.sort_by_key(|(id, _)| !live.contains(id));
+    out
+}
+
+async fn to_object(cluster: &Cluster, id: u64, pack: PackRecord) -> Result<(), tonic::Status> {
+    let replicas = replica_addrs(cluster, &pack);
+    if pack.object_key.is_empty() {
+        let key = cluster.objects().pack_key(id);
+        let mut last = None;
+        let mut uploaded = false;
+        for (node, addr) in &replicas {
+            let req = UploadPackRequest {
+                pack_id: id,
+                object_key: key.clone(),
+            };
+            match cluster.chunk(addr)?.upload_pack(req).await {
+                Ok(r) => {
+                    let bytes = r.into_inner().bytes;
+                    if bytes != pack.bytes {
+                        return Err(tonic::Status::data_loss(format!(
+                            "pack {id}: the object tier holds {bytes} bytes, the pack has {}",
+                            pack.bytes
+                        )));
+                    }
+                    tracing::info!(pack = id, node, bytes, "pack uploaded to the object tier");
+                    uploaded = true;
+                    break;
+                }
+                Err(s) => last = Some(s),
+            }
+        }
+        if !uploaded {
+            return Err(last.unwrap_or_else(|| {
+                tonic::Status::unavailable(format!("pack {id} has no reachable SSD replica to upload from"))
+            }));
+        }
+        fault::point("move-after-upload");
+        cluster
+            .propose(MetaCommand::PackUploaded { id, object_key: key })
+            .await?;
+    }
+    fault::point("move-after-record");
+    finish(cluster, id, TIER_OBJECT, Vec::new(), false).await?;
+    fault::point("move-after-finish");
+    for (node, addr) in replicas {
+        match cluster
+            .chunk(&addr)?
+            .delete_pack(DeletePackRequest { pack_id: id })
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => tracing::info!(
+                pack = id,
+                node,
+                "could not delete the SSD copy now ({}); the chunk server's sweep will",
+                e.message()
+            ),
+        }
+    }
+    Ok(())
+}
+
+async fn to_ssd(cluster: &Cluster, id: u64, pack: PackRecord) -> Result<(), tonic::Status> {
+    if pack.object_key.is_empty() {
+        // Already only on SSD (a move back that finished, or never moved).
+        return finish(cluster, id, TIER_SSD, pack.replicas, false).await;
+    }
+    let mut targets: Vec<(u64, String)> = replica_addrs(cluster, &pack);
+    if targets.is_empty() {
+        targets = cluster
+            .pick_replicas(id)?
+            .into_iter()
+            .map(|n| (n.id, n.addr))
+            .collect();
+    }
+    for (node, addr) in &targets {
+        let req = RestorePackRequest {
+            pack_id: id,
+            peers: Vec::new(),
+            object_key: pack.object_key.clone(),
+        };
+        cluster.chunk(addr)?.restore_pack(req).await.map_err(|s| {
+            tonic::Status::unavailable(format!(
+                "chunk server {node} could not copy pack {id} back: {}",
+                s.message()
+            ))
+        })?;
+    }
+    let key = pack.object_key.clone();
+    finish(
+        cluster,
+        id,
+        TIER_SSD,
+        targets.iter().map(|(n, _)| *n).collect(),
+        true,
+    )
+    .await?;
+    if let Err(e) = cluster.objects().delete(&key).await {
+        tracing::warn!(pack = id, "could not delete the object copy: {e}");
+    }
+    Ok(())
+}
