@@ -241,7 +241,11 @@ async fn sweep(
             }
             groups.next();
         }
-        let batch_trees: Vec<ChunkKey> = trees.drain(..trees.len().min(SWEEP_BATCH)).collect();
+        // Every dead tree goes in the first entry, before any chunk is
+        // deleted: a tree that survives a sweep entry never points at a
+        // chunk that entry deleted (a commit of an old root in between would
+        // otherwise see the root and not its missing chunks).
+        let batch_trees: Vec<ChunkKey> = std::mem::take(&mut trees);
         if batch_chunks.is_empty() && batch_packs.is_empty() && batch_trees.is_empty() {
             break;
         }

@@ -13,7 +13,6 @@
 //! | [`repair`] | re-replication of lost replicas, `admin scrub` across chunk servers and the object tier |
 //! | [`fault`] | crash points for tests (`GRANARY_FAULT`) |
 //! | [`run`] | starting a node: data directory, listener, Raft bootstrap or join, serving, clean shutdown |
-//!
 
 pub mod chunk;
 pub mod cluster;

@@ -116,7 +116,16 @@ impl ObjectTier {
                     .map_err(|e| bad(&format!("the key prefix `{prefix}` is invalid: {e}")))?;
                 Some(prefix.to_string())
             };
-            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            // A few quick retries: a reader waiting on a dead endpoint for the
+            // default ~3 minutes would hang a mount's read that long.
+            let retry = object_store::RetryConfig {
+                max_retries: 3,
+                retry_timeout: std::time::Duration::from_secs(20),
+                ..Default::default()
+            };
+            let mut builder = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_retry(retry);
             let plain_http = ["AWS_ENDPOINT", "AWS_ENDPOINT_URL"]
                 .iter()
                 .any(|v| std::env::var(v).is_ok_and(|e| e.starts_with("http://")));

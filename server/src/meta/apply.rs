@@ -153,6 +153,14 @@ impl Applier<'_, '_> {
                         TreeId::from_bytes(root)
                     )));
                 }
+                // The root may be an old tree that GC has marked dead: logging
+                // it makes a sweep computed before this commit keep it and
+                // everything it reaches (see crate::gc).
+                self.log_tree(
+                    &TreeId::from_bytes(root),
+                    self.r.counter(COUNTER_TREE_SEQ).map_err(internal)? + 1,
+                    now_ms,
+                );
                 let number = ds.next_version;
                 let record = VersionRecord {
                     root,
@@ -425,6 +433,16 @@ impl Applier<'_, '_> {
         )
     }
 
+    /// Appends `id` to the tree log as entry `seq` (which must be the next one).
+    fn log_tree(&mut self, id: &TreeId, seq: u64, now_ms: u64) {
+        let mut key = seq.to_be_bytes().to_vec();
+        key.extend_from_slice(id.as_bytes());
+        self.batch
+            .put_cf(self.r.cf(CF_TREE_LOG), key, now_ms.to_be_bytes());
+        self.batch
+            .put_cf(self.r.cf(CF_COUNTERS), COUNTER_TREE_SEQ, seq.to_be_bytes());
+    }
+
     /// Deletes a pack's record and everything kept about it.
     fn forget_pack(&mut self, id: u64) {
         let key = id.to_be_bytes();
@@ -575,16 +593,9 @@ impl Applier<'_, '_> {
             }
             self.batch.put_cf(self.r.cf(CF_TREES), id.as_bytes(), data);
             seq += 1;
-            let mut log_key = seq.to_be_bytes().to_vec();
-            log_key.extend_from_slice(id.as_bytes());
-            self.batch
-                .put_cf(self.r.cf(CF_TREE_LOG), log_key, now_ms.to_be_bytes());
+            self.log_tree(&id, seq, now_ms);
             added.insert(id);
             stored += 1;
-        }
-        if stored > 0 {
-            self.batch
-                .put_cf(self.r.cf(CF_COUNTERS), COUNTER_TREE_SEQ, seq.to_be_bytes());
         }
         Ok(MetaReply::Stored(stored))
     }
