@@ -71,6 +71,27 @@ pub struct Node {
     join: Option<String>,
     child: Option<Child>,
     starts: u32,
+    /// Extra `granary server` flags and environment of this node.
+    pub opts: NodeOptions,
+}
+
+/// Extra flags and environment for `granary server` processes.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl NodeOptions {
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
 }
 
 impl Node {
@@ -99,12 +120,14 @@ impl Node {
         if let Some(seed) = &self.join {
             cmd.arg("--join").arg(seed);
         }
+        cmd.args(&self.opts.args);
         let level = std::env::var("GRANARY_TEST_LOG").unwrap_or_else(|_| "warn".into());
         cmd.env("RUST_LOG", level)
             .env("NO_COLOR", "1")
             // Sealed packs whose session failed are swept after 2 s, not 10 minutes.
             .env("GRANARY_PACK_GRACE_SECS", "2")
             .env_remove("GRANARY_SERVER")
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log);
@@ -156,6 +179,8 @@ pub struct Cluster {
     // Declared before `tmp`: the processes die before their directories go.
     nodes: BTreeMap<u64, Node>,
     tmp: Option<tempfile::TempDir>,
+    /// Flags and environment every node spawned from now on gets.
+    pub defaults: NodeOptions,
 }
 
 impl Default for Cluster {
@@ -174,7 +199,16 @@ impl Cluster {
         Self {
             nodes: BTreeMap::new(),
             tmp: Some(tmp),
+            defaults: NodeOptions::default(),
         }
+    }
+
+    /// Like [`start`](Self::start), every node with `opts`.
+    pub async fn start_with(n: u64, opts: NodeOptions) -> Self {
+        let mut c = Self::new();
+        c.defaults = opts;
+        c.start_nodes(n).await;
+        c
     }
 
     /// Starts nodes 1..=n: node 1 bootstraps, each other node joins node 1;
@@ -182,16 +216,29 @@ impl Cluster {
     /// knows the leader.
     pub async fn start(n: u64) -> Self {
         let mut c = Self::new();
-        c.spawn(1, None);
-        c.wait_leader(&[1], Duration::from_secs(20)).await;
-        for id in 2..=n {
-            c.spawn(id, Some(1));
-            let want: Vec<u64> = (1..=id).collect();
-            c.wait_voters(1, &want, Duration::from_secs(30)).await;
-        }
-        let all = c.ids();
-        c.wait_leader(&all, Duration::from_secs(20)).await;
+        c.start_nodes(n).await;
         c
+    }
+
+    async fn start_nodes(&mut self, n: u64) {
+        self.spawn(1, None);
+        self.wait_leader(&[1], Duration::from_secs(20)).await;
+        for id in 2..=n {
+            self.spawn(id, Some(1));
+            let want: Vec<u64> = (1..=id).collect();
+            self.wait_voters(1, &want, Duration::from_secs(30)).await;
+        }
+        let all = self.ids();
+        self.wait_leader(&all, Duration::from_secs(20)).await;
+    }
+
+    /// Changes node `id`'s environment for its next (re)start: sets `k`, or removes it for `None`.
+    pub fn set_env(&mut self, id: u64, k: &str, v: Option<&str>) {
+        let opts = &mut self.node_mut(id).opts;
+        opts.env.retain(|(key, _)| key != k);
+        if let Some(v) = v {
+            opts.env.push((k.to_string(), v.to_string()));
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -211,6 +258,7 @@ impl Cluster {
             join,
             child: None,
             starts: 0,
+            opts: self.defaults.clone(),
         };
         node.spawn();
         self.nodes.insert(id, node);
