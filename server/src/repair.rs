@@ -116,6 +116,14 @@ pub async fn rereplicate(cluster: &Cluster) -> Result<u64, Status> {
                     tracing::info!(pack = id, node, from = %r.into_inner().source, "re-replicated a pack");
                     replicas.push(*node);
                     added += 1;
+                    // List the copy at once: the chunk server's sweep deletes
+                    // pack files that meta does not list for it.
+                    cluster
+                        .propose(MetaCommand::SetReplicas {
+                            id,
+                            replicas: replicas.clone(),
+                        })
+                        .await?;
                 }
                 Err(e) => tracing::warn!(pack = id, node, "could not re-replicate: {}", e.message()),
             }

@@ -607,12 +607,23 @@ impl Chunk for ChunkService {
             )));
         }
         crate::fault::point("upload-before-put");
-        let bytes = self
-            .inner
-            .objects
-            .put_file(&object_key, &path)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        // Verify every frame while the upload runs (both read the same file,
+        // mostly from the page cache): a damaged local copy must not become
+        // the object-tier copy.
+        let verify = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || verify_pack(&path, pack_id))
+        };
+        let (put, verified) = tokio::join!(self.inner.objects.put_file(&object_key, &path), verify);
+        let verified = verified.map_err(internal)?;
+        if let Err(e) = verified {
+            let _ = self.inner.objects.delete(&object_key).await;
+            return Err(Status::data_loss(format!(
+                "chunk server {} will not upload pack {pack_id}: its copy is damaged ({e}); run `granary admin scrub`",
+                self.inner.node_id
+            )));
+        }
+        let bytes = put.map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(UploadPackReply { bytes }))
     }
 

@@ -19,7 +19,8 @@
 //! listed; from step 2 on the object copy is too, and clients that find a
 //! replica gone ask meta again and read through any chunk server.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use granary_client::chunk_proto::{DeletePackRequest, RestorePackRequest, UploadPackRequest};
 use tokio::task::JoinSet;
@@ -36,6 +37,8 @@ const POLL: Duration = Duration::from_millis(500);
 
 /// Runs the mover until the task is aborted.
 pub async fn run(cluster: Cluster) {
+    // Packs whose move failed, and when to try again (doubling up to a minute).
+    let backoff: std::sync::Arc<std::sync::Mutex<HashMap<u64, (Instant, Duration)>>> = Default::default();
     loop {
         tokio::time::sleep(POLL).await;
         if !cluster.is_leader() {
@@ -51,19 +54,43 @@ pub async fn run(cluster: Cluster) {
                 continue;
             }
         };
+        let now = Instant::now();
+        let queue: Vec<(u64, MoveRecord)> = {
+            let b = backoff.lock().expect("backoff lock");
+            queue
+                .into_iter()
+                .filter(|(id, _)| b.get(id).is_none_or(|(at, _)| *at <= now))
+                .collect()
+        };
         if queue.is_empty() {
             continue;
         }
-        tracing::info!(packs = queue.len(), "tier mover: working through the queue");
+        tracing::debug!(packs = queue.len(), "tier mover: working through the queue");
         let mut tasks = JoinSet::new();
         for (id, m) in queue {
             while tasks.len() >= PARALLEL_MOVES {
                 tasks.join_next().await;
             }
             let cluster = cluster.clone();
+            let backoff = backoff.clone();
             tasks.spawn(async move {
-                if let Err(e) = move_pack(&cluster, id, &m.to).await {
-                    tracing::warn!(pack = id, to = %m.to, "tier move failed, will retry: {}", e.message());
+                match move_pack(&cluster, id, &m.to).await {
+                    Ok(()) => {
+                        backoff.lock().expect("backoff lock").remove(&id);
+                    }
+                    Err(e) => {
+                        let mut b = backoff.lock().expect("backoff lock");
+                        let delay = b.get(&id).map_or(Duration::from_secs(1), |(_, d)| {
+                            (*d * 2).min(Duration::from_secs(60))
+                        });
+                        b.insert(id, (Instant::now() + delay, delay));
+                        tracing::warn!(
+                            pack = id,
+                            to = %m.to,
+                            "tier move failed, retrying in {delay:?}: {}",
+                            e.message()
+                        );
+                    }
                 }
             });
         }
@@ -188,6 +215,7 @@ async fn to_ssd(cluster: &Cluster, id: u64, pack: PackRecord) -> Result<(), toni
             .map(|n| (n.id, n.addr))
             .collect();
     }
+    let mut listed = pack.replicas.clone();
     for (node, addr) in &targets {
         let req = RestorePackRequest {
             pack_id: id,
@@ -200,6 +228,17 @@ async fn to_ssd(cluster: &Cluster, id: u64, pack: PackRecord) -> Result<(), toni
                 s.message()
             ))
         })?;
+        // List each copy at once: the chunk server's sweep deletes pack
+        // files that meta does not list for it.
+        if !listed.contains(node) {
+            listed.push(*node);
+            cluster
+                .propose(MetaCommand::SetReplicas {
+                    id,
+                    replicas: listed.clone(),
+                })
+                .await?;
+        }
     }
     let key = pack.object_key.clone();
     finish(
