@@ -675,4 +675,198 @@ mod tests {
             Err(MetaError::AlreadyExists(_))
         ));
     }
+
+    /// A one-file tree whose file is the single chunk `data`, stored with its
+    /// pack (registered at `registered_ms`). Returns (root, chunk key, pack id).
+    fn store_file(db: &DB, data: &[u8], pack: u64, registered_ms: u64) -> (TreeId, [u8; 32], u64) {
+        use granary_core::tree::{EntryData, FileContent, Timestamp, TreeEntry};
+        use granary_core::ChunkRef;
+        let chunk = ChunkId::of(data);
+        let record = PackRecord {
+            tier: TIER_SSD.into(),
+            replicas: vec![1],
+            bytes: 100,
+            chunks: 1,
+            object_key: String::new(),
+            registered_ms,
+        };
+        let loc = ChunkRecord {
+            pack,
+            offset: 24,
+            stored_len: data.len() as u32,
+            raw_len: data.len() as u32,
+        };
+        apply(
+            db,
+            MetaCommand::RegisterPack {
+                id: pack,
+                pack: record,
+                chunks: vec![(*chunk.as_bytes(), loc)],
+            },
+        )
+        .unwrap();
+        let tree = Tree::new(vec![TreeEntry {
+            name: b"f".to_vec(),
+            mode: 0o644,
+            mtime: Timestamp::default(),
+            data: EntryData::File {
+                size: data.len() as u64,
+                content: FileContent::Inline(vec![ChunkRef {
+                    id: chunk,
+                    len: data.len() as u32,
+                }]),
+            },
+        }])
+        .unwrap()
+        .encode();
+        let root = TreeId::of(&tree);
+        apply(
+            db,
+            MetaCommand::PutTrees {
+                objects: vec![(root.as_bytes().to_vec(), tree)],
+                now_ms: registered_ms,
+            },
+        )
+        .unwrap();
+        (root, *chunk.as_bytes(), pack)
+    }
+
+    fn sweep(
+        db: &DB,
+        mark_seq: u64,
+        trees: Vec<[u8; 32]>,
+        chunks: Vec<[u8; 32]>,
+        packs: Vec<u64>,
+    ) -> MetaReply {
+        apply(
+            db,
+            MetaCommand::GcSweep {
+                mark_seq,
+                now_ms: 10_000,
+                grace_ms: 1_000,
+                trees,
+                chunks,
+                packs,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn gc_sweep_deletes_dead_data_and_keeps_what_arrived_after_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = granary_raft::store::open_db(dir.path(), COLUMN_FAMILIES).unwrap();
+        let r = Reader { db: &db };
+        // Old, unreferenced data: swept, and its pack forgotten.
+        let (root, chunk, pack) = store_file(&db, b"old", 1, 1);
+        let mark = r.counter(COUNTER_TREE_SEQ).unwrap();
+        match sweep(&db, mark, vec![*root.as_bytes()], vec![chunk], vec![pack]) {
+            MetaReply::Swept { trees, chunks, packs } => {
+                assert_eq!((trees, chunks, packs.len()), (1, 1, 1));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!r.exists(CF_TREES, root.as_bytes()).unwrap());
+        assert!(!r.exists(CF_CHUNKS, &chunk).unwrap());
+        assert!(r.pack(pack).unwrap().is_none());
+
+        // Dead at the mark, but committed again before the sweep applies
+        // (dedup of an old root): everything it reaches is kept.
+        let (root, chunk, pack) = store_file(&db, b"again", 2, 1);
+        let mark = r.counter(COUNTER_TREE_SEQ).unwrap();
+        commit(&db, "ds", &root, None).unwrap();
+        match sweep(&db, mark, vec![*root.as_bytes()], vec![chunk], vec![pack]) {
+            MetaReply::Swept { trees, chunks, packs } => assert_eq!((trees, chunks, packs.len()), (0, 0, 0)),
+            other => panic!("{other:?}"),
+        }
+        assert!(r.exists(CF_TREES, root.as_bytes()).unwrap());
+        assert!(r.exists(CF_CHUNKS, &chunk).unwrap());
+
+        // A chunk of a pack registered within the grace period is kept, and so is its pack.
+        let (_, chunk, pack) = store_file(&db, b"young", 3, 9_500);
+        let mark = r.counter(COUNTER_TREE_SEQ).unwrap();
+        match sweep(&db, mark, vec![], vec![chunk], vec![pack]) {
+            MetaReply::Swept { chunks, packs, .. } => assert_eq!((chunks, packs.len()), (0, 0)),
+            other => panic!("{other:?}"),
+        }
+        assert!(r.pack(pack).unwrap().is_some());
+    }
+
+    #[test]
+    fn packs_always_keep_a_copy_and_compaction_repoints_only_its_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = granary_raft::store::open_db(dir.path(), COLUMN_FAMILIES).unwrap();
+        let r = Reader { db: &db };
+        let (_, chunk, pack) = store_file(&db, b"data", 7, 1);
+        // Finishing a move to the object tier without an object copy is refused.
+        let finish = |drop_object| MetaCommand::FinishMove {
+            id: pack,
+            to: TIER_OBJECT.into(),
+            replicas: vec![],
+            drop_object,
+        };
+        assert!(matches!(
+            apply(&db, finish(false)),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            apply(
+                &db,
+                MetaCommand::SetReplicas {
+                    id: pack,
+                    replicas: vec![]
+                }
+            ),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+        apply(
+            &db,
+            MetaCommand::PackUploaded {
+                id: pack,
+                object_key: "packs/7.pack".into(),
+            },
+        )
+        .unwrap();
+        apply(&db, finish(false)).unwrap();
+        let p = r.pack(pack).unwrap().unwrap();
+        assert_eq!((p.tier.as_str(), p.replicas.len()), (TIER_OBJECT, 0));
+        // ... and it cannot lose the object copy now.
+        assert!(matches!(
+            apply(&db, finish(true)),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+
+        // Compaction re-points the chunk and forgets the old pack.
+        let loc = ChunkRecord {
+            pack: 8,
+            offset: 24,
+            stored_len: 4,
+            raw_len: 4,
+        };
+        let new = PackRecord {
+            tier: TIER_OBJECT.into(),
+            replicas: vec![],
+            bytes: 50,
+            chunks: 1,
+            object_key: "packs/8.pack".into(),
+            registered_ms: 2,
+        };
+        let reply = apply(
+            &db,
+            MetaCommand::CompactPack {
+                old: pack,
+                new_id: 8,
+                pack: new,
+                chunks: vec![(chunk, loc), ([9; 32], loc)],
+            },
+        )
+        .unwrap();
+        assert!(matches!(reply, MetaReply::Compacted { moved: 1, .. }));
+        assert_eq!(r.get::<ChunkRecord>(CF_CHUNKS, &chunk).unwrap(), Some(loc));
+        assert!(
+            !r.exists(CF_CHUNKS, &[9; 32]).unwrap(),
+            "a chunk it did not hold is not created"
+        );
+        assert!(r.pack(pack).unwrap().is_none());
+    }
 }
