@@ -298,11 +298,11 @@ fn print_scrub(r: &Value) {
             continue;
         }
         println!(
-            "node {}: {} pack(s), {} verified; damaged: {:?}; repaired: {}; failed: {}",
+            "node {}: {} pack(s), {} verified; damaged: {}; repaired: {}; failed: {}",
             node["node"],
             node["packs"],
             HumanBytes(node["bytes"].as_u64().unwrap_or(0)),
-            node["bad"].as_array().map(Vec::len).unwrap_or(0),
+            node["bad"],
             node["repaired"],
             node["failed"],
         );
