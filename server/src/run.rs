@@ -116,7 +116,7 @@ pub enum ServerError {
     Raft(#[from] RaftNodeError),
     #[error("the gRPC server failed: {0}")]
     Serve(String),
-    #[error("{0}")]
+    #[error(transparent)]
     ObjectStore(#[from] crate::object::ObjectError),
 }
 
@@ -185,6 +185,19 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
             "chunk-only nodes are not available yet; run with --role meta,chunk".into(),
         ));
     }
+    // A bad object tier URL fails before anything starts.
+    let object_url = match &cfg.object_store {
+        Some(url) => url.clone(),
+        None => {
+            let dir =
+                std::path::absolute(cfg.data_dir.join("objects")).map_err(|source| ServerError::DataDir {
+                    path: cfg.data_dir.clone(),
+                    source,
+                })?;
+            format!("file://{}", dir.display())
+        }
+    };
+    let objects = ObjectTier::from_url(&object_url)?;
     let _lock = claim_data_dir(&cfg.data_dir, cfg.node_id)?;
     // Scratch space of a previous run (compaction, scrub) is garbage.
     let _ = std::fs::remove_dir_all(cfg.data_dir.join("tmp"));
@@ -207,18 +220,6 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
         s
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let object_url = match &cfg.object_store {
-        Some(url) => url.clone(),
-        None => {
-            let dir =
-                std::path::absolute(cfg.data_dir.join("objects")).map_err(|source| ServerError::DataDir {
-                    path: cfg.data_dir.clone(),
-                    source,
-                })?;
-            format!("file://{}", dir.display())
-        }
-    };
-    let objects = ObjectTier::from_url(&object_url)?;
     tracing::info!(url = %objects.url(), "object tier");
     let cluster = Cluster::new(
         node.clone(),
@@ -363,10 +364,20 @@ async fn scrub_loop(chunks: ChunkService) {
     }
 }
 
-/// Refreshes this node's record every 30 s (every 2 s while that fails).
+/// Refreshes this node's record every 30 s, or three times per dead-node
+/// timeout when that is shorter (`GRANARY_NODE_DEAD_SECS`: a live node must
+/// never look dead); every 2 s while that fails.
 async fn heartbeat_loop(node: RaftNode<MetaApp>, cfg: ServerConfig, store: Option<PackStore>, mut ok: bool) {
+    let every = Duration::from_secs(30)
+        .min(crate::repair::dead_after() / 3)
+        .max(Duration::from_millis(200));
     loop {
-        tokio::time::sleep(Duration::from_secs(if ok { 30 } else { 2 })).await;
+        let wait = if ok {
+            every
+        } else {
+            every.min(Duration::from_secs(2))
+        };
+        tokio::time::sleep(wait).await;
         ok = match register_node(&node, &cfg, store.as_ref()).await {
             Ok(()) => true,
             Err(e) => {

@@ -6,7 +6,9 @@
 //! default policy's). Cold versions that are not pinned are pinned to the
 //! object tier by the policy and their packs queued (shared packs follow the
 //! rule in [`crate::tier`]). A version the policy pinned whose packs were
-//! read again within `cold_after` is unpinned and moved back to SSD.
+//! read since it was pinned is unpinned and moved back to SSD, however long
+//! ago that read was: reads reach meta up to 5 s late and this scan runs
+//! only every `GRANARY_POLICY_SECS`, so a short `cold_after` must not hide them.
 //! Versions pinned by hand (`tier move`) are left alone.
 
 use std::collections::HashMap;
@@ -72,7 +74,7 @@ pub async fn scan(cluster: &Cluster) -> Result<(), String> {
         let cold = now.saturating_sub(last) >= cold_ms;
         match pin {
             None if cold => to_cold.push((dataset, number)),
-            Some(p) if p.by == "policy" && !cold && last > p.pinned_ms => to_hot.push((dataset, number)),
+            Some(p) if p.by == "policy" && last > p.pinned_ms => to_hot.push((dataset, number)),
             _ => {}
         }
     }

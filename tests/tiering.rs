@@ -1,0 +1,944 @@
+//! End-to-end tests of tiering: real `granary server` processes with an
+//! object tier, driven through the real `granary upload / download / mount /
+//! admin tier` command line, checked through `tier status`, the nodes' pack
+//! directories and a listing of the object store itself.
+//!
+//! Every check is a function of the object-store URL and runs twice: against a
+//! local directory (`file://<tempdir>`) and against S3
+//! (`$GRANARY_TEST_S3_URL/<unique prefix>`, the moto server `scripts/test`
+//! starts). The S3 variants fail, not skip, when that variable is unset.
+//!
+//! 1. a version moves to the object tier and back, byte-identical through
+//!    `download` and a FUSE mount each way; 2. packs shared with a version that
+//!    stays hot stay on SSD; 3. kill -9 of the mover (and of the chunk server's
+//!    upload) at every crash point, then a restart finishes the move while a
+//!    download runs; 4. a cold-after policy moves a version to the object tier
+//!    and, once it is read again, back; 5. bad input fails with one clear line.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use granary_server::object::ObjectTier;
+use serde_json::Value;
+
+const SEC: Duration = Duration::from_secs(1);
+
+// ---------------------------------------------------------------------------
+// Object stores
+// ---------------------------------------------------------------------------
+
+/// A fresh directory for a `file://` object tier (removed on drop).
+fn objects_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("granary-objects-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+fn file_url(dir: &tempfile::TempDir) -> String {
+    format!("file://{}", dir.path().display())
+}
+
+/// `$GRANARY_TEST_S3_URL/<test>-<unique>`: a prefix no other test (or earlier run) uses.
+fn s3_url(test: &str) -> String {
+    let base = std::env::var("GRANARY_TEST_S3_URL").unwrap_or_else(|_| {
+        panic!("GRANARY_TEST_S3_URL is not set; run the suite with ./scripts/test, which starts an S3 server")
+    });
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{}/{test}-{}-{nanos:x}",
+        base.trim_end_matches('/'),
+        std::process::id()
+    )
+}
+
+/// The local directory of a `file://` URL.
+fn file_dir(url: &str) -> Option<PathBuf> {
+    url.strip_prefix("file://").map(PathBuf::from)
+}
+
+/// (pack id, size) of every pack object in the object store at `url`, read
+/// from the store itself (not through Granary's metadata).
+async fn object_packs(url: &str) -> Vec<(u64, u64)> {
+    let tier = ObjectTier::from_url(url).unwrap_or_else(|e| panic!("object tier {url}: {e}"));
+    let mut packs = tier
+        .list_packs()
+        .await
+        .unwrap_or_else(|e| panic!("listing {url}: {e}"));
+    packs.sort_unstable();
+    packs
+}
+
+/// `*.pack` files below a `file://` tier's directory (any name, any depth).
+fn pack_files_below(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let m = fs::symlink_metadata(&p).unwrap();
+        if m.is_dir() {
+            out.extend(pack_files_below(&p));
+        } else if p.extension().is_some_and(|x| x == "pack") {
+            out.push((p, m.len()));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Servers and the CLI
+// ---------------------------------------------------------------------------
+
+/// One node with `--object-store url` and the given environment.
+async fn start(url: &str, env: &[(&str, &str)]) -> Cluster {
+    let mut opts = NodeOptions::default().arg("--object-store").arg(url);
+    for (k, v) in env {
+        opts = opts.env(*k, *v);
+    }
+    Cluster::start_with(1, opts).await
+}
+
+#[track_caller]
+fn ok_json(what: &str, o: Output) -> Value {
+    let out = ok(what, o);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{what}: stdout is not JSON ({e}): {out}"))
+}
+
+/// `granary admin tier ARGS --server ADDR --json`.
+#[track_caller]
+fn tier_json(addr: &str, args: &[&str]) -> Value {
+    let mut all = vec!["admin", "tier"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--server", addr, "--json"]);
+    let v = ok_json(&format!("tier {}", args.join(" ")), granary(&all));
+    eprintln!("tier {}: {v}", args.join(" "));
+    v
+}
+
+fn tier_status(addr: &str) -> Result<Value, String> {
+    let o = granary(&["admin", "tier", "status", "--server", addr, "--json"]);
+    if !o.status.success() {
+        return Err(format!("tier status failed: {}", text(&o.stderr).trim()));
+    }
+    serde_json::from_slice(&o.stdout).map_err(|e| format!("tier status printed no JSON ({e})"))
+}
+
+/// The `datasets[]` entry of `name` in a tier status.
+fn ds_of<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["datasets"]
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["dataset"] == name))
+        .unwrap_or_else(|| panic!("tier status lists no dataset {name}: {status}"))
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("field {key} is not a number in {v}"))
+}
+
+fn queue_len(status: &Value) -> usize {
+    status["queue"].as_array().map_or(0, Vec::len)
+}
+
+/// Waits until the mover's queue is empty; returns that status.
+async fn wait_queue_empty(addr: &str, timeout: Duration) -> Value {
+    wait_for("an empty mover queue", timeout, || async {
+        let st = tier_status(addr)?;
+        if queue_len(&st) == 0 {
+            Ok(st)
+        } else {
+            Err(format!("queue: {}", st["queue"]))
+        }
+    })
+    .await
+}
+
+/// (count, bytes) of the `*.pack` files in a node's `DATA/packs` directory.
+fn ssd_packs(data_dir: &Path) -> (usize, u64) {
+    let files = pack_files_below(&data_dir.join("packs"));
+    (files.len(), files.iter().map(|(_, len)| len).sum())
+}
+
+/// Waits until node `data_dir` holds no `.pack` bytes (the mover deletes the
+/// replicas right after recording the move; the chunk server's sweep removes
+/// any it left).
+async fn wait_no_ssd_packs(data_dir: &Path, timeout: Duration) {
+    wait_for("no pack file on SSD", timeout, || async {
+        match ssd_packs(data_dir) {
+            (0, 0) => Ok(()),
+            (files, bytes) => Err(format!("{files} pack file(s), {bytes} bytes")),
+        }
+    })
+    .await
+}
+
+/// `granary upload SRC DATASET --pack-size 1MiB --json`, with the file cache in `work`.
+#[track_caller]
+fn upload(addr: &str, src: &Path, dataset: &str, work: &Path) -> Value {
+    upload_with(addr, src, dataset, work, &[])
+}
+
+/// [`upload`] with `extra` flags.
+#[track_caller]
+fn upload_with(addr: &str, src: &Path, dataset: &str, work: &Path, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "upload",
+        s(src),
+        dataset,
+        "--pack-size",
+        "1MiB",
+        "--json",
+        "--server",
+        addr,
+    ];
+    args.extend_from_slice(extra);
+    let o = granary_cmd(&args)
+        .env("GRANARY_CACHE_DIR", work.join("upload-cache"))
+        .output()
+        .expect("run granary upload");
+    let v = ok_json(&format!("upload {dataset}"), o);
+    eprintln!("upload {dataset}: {v}");
+    v
+}
+
+// ---------------------------------------------------------------------------
+// Trees
+// ---------------------------------------------------------------------------
+
+fn random_bytes(rng: &mut fastrand::Rng, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v);
+    v
+}
+
+/// About 5 MiB in nested directories: incompressible and repetitive files,
+/// an empty file, an empty directory, a few modes.
+fn make_tree(root: &Path, seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for d in ["a/b/c", "text", "empty dir"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for (path, len) in [
+        ("empty", 0),
+        ("big.bin", 2_600_000),
+        ("a/one.bin", 700_000),
+        ("a/b/c/deep.bin", 1_300_000),
+        ("a/b/small", 100),
+    ] {
+        fs::write(root.join(path), random_bytes(&mut rng, len)).unwrap();
+    }
+    let text: String = (0..40_000).map(|i| format!("row {i}, seed {seed}\n")).collect();
+    fs::write(root.join("text/rows.csv"), text).unwrap();
+    fs::set_permissions(root.join("a/b/small"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(root.join("a/one.bin"), fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File { size: u64, blake3: String },
+}
+
+/// Relative path -> (kind, mode & 0o7777) of everything below `root`.
+type Snapshot = BTreeMap<String, (Kind, u32)>;
+
+fn snapshot(root: &Path) -> Snapshot {
+    fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
+        for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
+            let p = e.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_string();
+            let kind = if m.is_dir() {
+                walk(root, &p, out);
+                Kind::Dir
+            } else {
+                assert!(m.is_file(), "unexpected file type at {}", p.display());
+                let mut h = blake3::Hasher::new();
+                std::io::copy(&mut fs::File::open(&p).unwrap(), &mut h)
+                    .unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+                Kind::File {
+                    size: m.len(),
+                    blake3: h.finalize().to_hex().to_string(),
+                }
+            };
+            out.insert(rel, (kind, m.mode() & 0o7777));
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+#[track_caller]
+fn assert_same(what: &str, want: &Snapshot, got: &Snapshot) {
+    if want == got {
+        return;
+    }
+    let mut report = Vec::new();
+    for (k, w) in want {
+        match got.get(k) {
+            None => report.push(format!("missing {k}")),
+            Some(g) if g != w => report.push(format!("differs {k}: want {w:?}, got {g:?}")),
+            _ => {}
+        }
+    }
+    for k in got.keys().filter(|k| !want.contains_key(*k)) {
+        report.push(format!("extra {k}"));
+    }
+    panic!("{what}: trees differ:\n{}", report.join("\n"));
+}
+
+/// Downloads `version` into the fresh directory `dest` and compares it with `want`.
+#[track_caller]
+fn download_same(addr: &str, version: &str, dest: &Path, want: &Snapshot) {
+    ok(
+        &format!("download {version}"),
+        granary(&["download", version, s(dest), "--server", addr]),
+    );
+    assert_same(&format!("download of {version}"), want, &snapshot(dest));
+}
+
+// ---------------------------------------------------------------------------
+// FUSE mounts
+// ---------------------------------------------------------------------------
+
+fn is_mounted(p: &Path) -> bool {
+    let want = fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.to_str().unwrap()))
+}
+
+/// A `granary mount`; lazily unmounted on drop, also when the test panics.
+struct Mount {
+    path: PathBuf,
+    cache: PathBuf,
+}
+
+impl Mount {
+    #[track_caller]
+    fn new(addr: &str, version: &str, path: &Path, cache: &Path) -> Self {
+        fs::create_dir_all(path).unwrap();
+        let o = granary(&[
+            "mount",
+            version,
+            s(path),
+            "--server",
+            addr,
+            "--cache-dir",
+            s(cache),
+        ]);
+        let m = Mount {
+            path: path.to_path_buf(),
+            cache: cache.to_path_buf(),
+        };
+        ok(&format!("mount {version}"), o);
+        assert!(
+            is_mounted(path),
+            "{} is not mounted after `granary mount`",
+            path.display()
+        );
+        m
+    }
+
+    #[track_caller]
+    fn umount(self) {
+        ok(
+            "umount",
+            granary(&["umount", s(&self.path), "--cache-dir", s(&self.cache)]),
+        );
+        assert!(!is_mounted(&self.path));
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if is_mounted(&self.path) {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.path)
+                .status();
+            if is_mounted(&self.path) {
+                let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+            }
+        }
+    }
+}
+
+/// Mounts `version` with a fresh cache (so every byte comes from the
+/// servers), compares the whole tree with `want`, unmounts.
+#[track_caller]
+fn mount_same(addr: &str, version: &str, work: &Path, tag: &str, want: &Snapshot) {
+    let mnt = work.join(format!("mnt-{tag}"));
+    let m = Mount::new(addr, version, &mnt, &work.join(format!("mount-cache-{tag}")));
+    assert_same(&format!("mount of {version} ({tag})"), want, &snapshot(&mnt));
+    m.umount();
+}
+
+fn workdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("granary-tiering-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+// ---------------------------------------------------------------------------
+// 1. A version to the object tier and back
+// ---------------------------------------------------------------------------
+
+async fn move_to_object_and_back(url: &str) {
+    let started = Instant::now();
+    let work = workdir();
+    let work = work.path();
+    let c = start(url, &[]).await;
+    let addr = c.addr(1);
+    let data = c.node(1).dir.clone();
+    let src = work.join("src");
+    make_tree(&src, 1);
+    let want = snapshot(&src);
+    let up = upload(&addr, &src, "ds", work);
+    let packs = n(&up, "packs");
+    assert!(packs >= 4, "expected several 1 MiB packs: {up}");
+    let (files, bytes) = ssd_packs(&data);
+    assert_eq!(files as u64, packs, "pack files on SSD after the upload");
+    let st = tier_status(&addr).unwrap();
+    assert_eq!(st["object_store"], url, "{st}");
+    assert_eq!(n(ds_of(&st, "ds"), "ssd_bytes"), bytes, "{st}");
+    assert_eq!(n(ds_of(&st, "ds"), "object_bytes"), 0, "{st}");
+    assert!(object_packs(url).await.is_empty());
+
+    // To the object tier.
+    let mv = tier_json(&addr, &["move", "ds@1", "--to", "object"]);
+    assert_eq!(mv["done"], true, "{mv}");
+    assert_eq!(mv["to"], "object", "{mv}");
+    assert_eq!(mv["versions"], serde_json::json!([1]), "{mv}");
+    assert_eq!(n(&mv, "packs_used"), packs, "{mv}");
+    assert_eq!(n(&mv, "queued"), packs, "{mv}");
+    assert_eq!(n(&mv, "queued_bytes"), bytes, "{mv}");
+    assert_eq!(n(&mv, "kept_shared"), 0, "{mv}");
+    let st = tier_status(&addr).unwrap();
+    let d = ds_of(&st, "ds");
+    assert_eq!(n(d, "ssd_bytes"), 0, "{st}");
+    assert_eq!(n(d, "object_bytes"), bytes, "{st}");
+    assert_eq!(n(d, "moving_bytes"), 0, "{st}");
+    assert_eq!(d["pinned_to_object"], serde_json::json!([1]), "{st}");
+    assert_eq!(n(&st["totals"], "ssd_packs"), 0, "{st}");
+    assert_eq!(n(&st["totals"], "object_packs"), packs, "{st}");
+    assert_eq!(queue_len(&st), 0, "{st}");
+    wait_no_ssd_packs(&data, 10 * SEC).await;
+    let objects = object_packs(url).await;
+    assert_eq!(objects.len() as u64, packs, "objects: {objects:?}");
+    assert_eq!(objects.iter().map(|(_, len)| len).sum::<u64>(), bytes);
+    if let Some(dir) = file_dir(url) {
+        let files = pack_files_below(&dir);
+        assert_eq!(files.len() as u64, packs, "{files:?}");
+        assert_eq!(files.iter().map(|(_, len)| len).sum::<u64>(), bytes);
+    }
+    download_same(&addr, "ds@1", &work.join("dl-object"), &want);
+    mount_same(&addr, "ds@1", work, "object", &want);
+
+    // Moving it again queues nothing.
+    let again = tier_json(&addr, &["move", "ds", "--to", "object"]);
+    assert_eq!(
+        (n(&again, "queued"), again["done"].clone()),
+        (0, Value::Bool(true))
+    );
+
+    // Back to SSD.
+    let back = tier_json(&addr, &["move", "ds@1", "--to", "ssd"]);
+    assert_eq!(back["done"], true, "{back}");
+    assert_eq!(n(&back, "queued"), packs, "{back}");
+    let st = tier_status(&addr).unwrap();
+    let d = ds_of(&st, "ds");
+    assert_eq!(n(d, "ssd_bytes"), bytes, "{st}");
+    assert_eq!(n(d, "object_bytes"), 0, "{st}");
+    assert_eq!(d["pinned_to_object"], serde_json::json!([]), "{st}");
+    assert_eq!(n(&st["totals"], "object_packs"), 0, "{st}");
+    assert_eq!(ssd_packs(&data), (packs as usize, bytes));
+    wait_for("the object copies to be deleted", 10 * SEC, || async {
+        let left = object_packs(url).await;
+        let files = file_dir(url).map(|d| pack_files_below(&d)).unwrap_or_default();
+        if left.is_empty() && files.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("objects {left:?}, files {files:?}"))
+        }
+    })
+    .await;
+    download_same(&addr, "ds@1", &work.join("dl-ssd"), &want);
+    mount_same(&addr, "ds@1", work, "ssd", &want);
+    eprintln!("move_to_object_and_back({url}) took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_move_to_object_and_back() {
+    let objects = objects_dir();
+    move_to_object_and_back(&file_url(&objects)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_move_to_object_and_back() {
+    move_to_object_and_back(&s3_url("tiering-move")).await;
+}
+
+// ---------------------------------------------------------------------------
+// 2. Shared packs stay with the hot version
+// ---------------------------------------------------------------------------
+
+async fn shared_packs_stay_on_ssd(url: &str) {
+    let started = Instant::now();
+    let work = workdir();
+    let work = work.path();
+    let c = start(url, &[]).await;
+    let addr = c.addr(1);
+    let data = c.node(1).dir.clone();
+    let src = work.join("src");
+    make_tree(&src, 2);
+    // A 4 MB big.bin, chunked by one thread so that its chunks follow each
+    // other in the packs: some packs hold nothing else, and only ds@1 uses
+    // them once ds@2 replaces big.bin. Every other pack ds@2 uses too.
+    let big = |seed| random_bytes(&mut fastrand::Rng::with_seed(seed), 4_000_000);
+    fs::write(src.join("big.bin"), big(98)).unwrap();
+    let want1 = snapshot(&src);
+    upload_with(&addr, &src, "ds", work, &["--threads", "1"]);
+    fs::write(src.join("big.bin"), big(99)).unwrap();
+    let want2 = snapshot(&src);
+    upload_with(&addr, &src, "ds", work, &["--threads", "1"]);
+    let st = tier_status(&addr).unwrap();
+    let total = n(&st["totals"], "ssd_packs");
+    let total_bytes = n(&st["totals"], "ssd_bytes");
+
+    let mv1 = tier_json(&addr, &["move", "ds@1", "--to", "object"]);
+    assert_eq!(mv1["done"], true, "{mv1}");
+    let (used1, queued1, kept1) = (n(&mv1, "packs_used"), n(&mv1, "queued"), n(&mv1, "kept_shared"));
+    assert!(kept1 > 0, "ds@2 shares packs with ds@1: {mv1}");
+    assert!(queued1 > 0, "the old big.bin fills packs only ds@1 uses: {mv1}");
+    assert_eq!(queued1 + kept1, used1, "{mv1}");
+    let st = tier_status(&addr).unwrap();
+    let d = ds_of(&st, "ds");
+    assert_eq!(d["pinned_to_object"], serde_json::json!([1]), "{st}");
+    assert!(n(d, "ssd_bytes") > 0 && n(d, "object_bytes") > 0, "{st}");
+    assert_eq!(n(&st["totals"], "object_packs"), queued1, "{st}");
+    assert_eq!(n(&st["totals"], "ssd_packs"), total - queued1, "{st}");
+    assert_eq!(n(d, "ssd_bytes") + n(d, "object_bytes"), total_bytes, "{st}");
+    assert_eq!(object_packs(url).await.len() as u64, queued1);
+    wait_for("only ds@1's own packs to leave the SSD", 10 * SEC, || async {
+        let (files, _) = ssd_packs(&data);
+        if files as u64 == total - queued1 {
+            Ok(())
+        } else {
+            Err(format!("{files} pack files, want {}", total - queued1))
+        }
+    })
+    .await;
+    download_same(&addr, "ds@1", &work.join("dl-1a"), &want1);
+    download_same(&addr, "ds@2", &work.join("dl-2a"), &want2);
+
+    // Now ds@2 too: nothing stays hot, so every remaining pack moves.
+    let mv2 = tier_json(&addr, &["move", "ds@2", "--to", "object"]);
+    assert_eq!(mv2["done"], true, "{mv2}");
+    assert_eq!(n(&mv2, "kept_shared"), 0, "{mv2}");
+    assert_eq!(n(&mv2, "queued"), total - queued1, "{mv2}");
+    let st = tier_status(&addr).unwrap();
+    let d = ds_of(&st, "ds");
+    assert_eq!(n(d, "ssd_bytes"), 0, "{st}");
+    assert_eq!(n(d, "object_bytes"), total_bytes, "{st}");
+    assert_eq!(d["pinned_to_object"], serde_json::json!([1, 2]), "{st}");
+    assert_eq!(n(&st["totals"], "ssd_packs"), 0, "{st}");
+    assert_eq!(object_packs(url).await.len() as u64, total);
+    wait_no_ssd_packs(&data, 10 * SEC).await;
+    download_same(&addr, "ds@1", &work.join("dl-1b"), &want1);
+    download_same(&addr, "ds@2", &work.join("dl-2b"), &want2);
+    eprintln!("shared_packs_stay_on_ssd({url}) took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_shared_packs_stay_on_ssd() {
+    let objects = objects_dir();
+    shared_packs_stay_on_ssd(&file_url(&objects)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_shared_packs_stay_on_ssd() {
+    shared_packs_stay_on_ssd(&s3_url("tiering-shared")).await;
+}
+
+// ---------------------------------------------------------------------------
+// 3. kill -9 at every step of a move
+// ---------------------------------------------------------------------------
+
+/// The crash points of a move to the object tier (server/src/fault.rs).
+const CRASH_POINTS: [&str; 4] = [
+    "move-after-upload",
+    "move-after-record",
+    "move-after-finish",
+    "upload-before-put",
+];
+
+/// One crash point, on its own node and its own part of the object store.
+async fn crash_at(url: &str, point: &str, src: &Path, want: &Snapshot, work: &Path) {
+    let started = Instant::now();
+    let mut c = start(url, &[("GRANARY_FAULT", point)]).await;
+    let addr = c.addr(1);
+    let data = c.node(1).dir.clone();
+    // Its own file cache: a fresh cluster has none of the chunks.
+    let packs = n(&upload(&addr, src, "ds", &work.join(point)), "packs");
+    let mv = tier_json(&addr, &["move", "ds", "--to", "object", "--no-wait"]);
+    assert_eq!(n(&mv, "queued"), packs, "{mv}");
+    assert_eq!(mv["done"], false, "{mv}");
+    wait_for(&format!("the server to kill itself at {point}"), 30 * SEC, || {
+        let running = c.is_running(1);
+        async move {
+            if running {
+                Err("still running".to_string())
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await;
+    assert!(
+        c.node(1).log_tail(20).contains(&format!("GRANARY_FAULT={point}")),
+        "node 1 died, but not at {point}:\n{}",
+        c.node(1).log_tail(20)
+    );
+
+    // Until the move is recorded as finished, every replica file stays; the
+    // chunk server dies before its first PUT, so nothing reached the store.
+    let (files, _) = ssd_packs(&data);
+    if point == "move-after-finish" {
+        assert!(
+            files >= 1,
+            "{point}: the crash came before the replica files were deleted"
+        );
+    } else {
+        assert_eq!(files as u64, packs, "{point}: pack files on SSD after the crash");
+    }
+    if point == "upload-before-put" {
+        assert_eq!(
+            object_packs(url).await,
+            vec![],
+            "{point}: objects after the crash"
+        );
+    }
+    c.set_env(1, "GRANARY_FAULT", None);
+    c.restart(1);
+    c.wait_leader(&[1], 30 * SEC).await;
+    // A reader while the mover finishes the moves.
+    let dest = work.join(format!("dl-{point}"));
+    let reader = {
+        let (addr, dest) = (addr.clone(), dest.clone());
+        std::thread::spawn(move || granary(&["download", "ds@1", s(&dest), "--server", &addr]))
+    };
+    let st = wait_queue_empty(&addr, 60 * SEC).await;
+    let o = tokio::task::spawn_blocking(move || reader.join().expect("download thread"))
+        .await
+        .unwrap();
+    ok(&format!("download during the restarted move ({point})"), o);
+    assert_same(
+        &format!("download after a crash at {point}"),
+        want,
+        &snapshot(&dest),
+    );
+
+    let d = ds_of(&st, "ds");
+    assert_eq!(n(d, "ssd_bytes"), 0, "{point}: {st}");
+    assert!(n(d, "object_bytes") > 0, "{point}: {st}");
+    assert_eq!(n(&st["totals"], "ssd_packs"), 0, "{point}: {st}");
+    assert_eq!(n(&st["totals"], "object_packs"), packs, "{point}: {st}");
+    let objects = object_packs(url).await;
+    assert_eq!(objects.len() as u64, packs, "{point}: objects {objects:?}");
+    assert_eq!(
+        objects.iter().map(|(_, len)| len).sum::<u64>(),
+        n(d, "object_bytes"),
+        "{point}: object sizes {objects:?}"
+    );
+    // The mover deletes replicas after recording the move; a crash right
+    // there leaves files that the chunk server's sweep (grace 2 s) removes.
+    wait_no_ssd_packs(&data, 20 * SEC).await;
+    download_same(&addr, "ds", &work.join(format!("dl-{point}-after")), want);
+    eprintln!("crash at {point}: {:?}", started.elapsed());
+}
+
+async fn killed_mover_finishes_after_restart(url: &str) {
+    let started = Instant::now();
+    let work = workdir();
+    let work = work.path();
+    let src = work.join("src");
+    make_tree(&src, 3);
+    let want = snapshot(&src);
+    for point in CRASH_POINTS {
+        crash_at(&format!("{url}/{point}"), point, &src, &want, work).await;
+    }
+    eprintln!(
+        "killed_mover_finishes_after_restart({url}) took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_killed_mover_finishes_after_restart() {
+    let objects = objects_dir();
+    killed_mover_finishes_after_restart(&file_url(&objects)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_killed_mover_finishes_after_restart() {
+    killed_mover_finishes_after_restart(&s3_url("tiering-crash")).await;
+}
+
+// ---------------------------------------------------------------------------
+// 4. Cold-after policies
+// ---------------------------------------------------------------------------
+
+async fn policy_moves_cold_data_and_back(url: &str) {
+    let started = Instant::now();
+    let work = workdir();
+    let work = work.path();
+    let c = start(url, &[("GRANARY_POLICY_SECS", "1")]).await;
+    let addr = c.addr(1);
+    let data = c.node(1).dir.clone();
+    let src = work.join("src");
+    make_tree(&src, 4);
+    let want = snapshot(&src);
+    upload(&addr, &src, "ds", work);
+    ok(
+        "policy set",
+        granary(&[
+            "admin",
+            "tier",
+            "policy",
+            "set",
+            "--dataset",
+            "ds",
+            "--cold-after",
+            "3s",
+            "--server",
+            &addr,
+        ]),
+    );
+    let st = tier_status(&addr).unwrap();
+    assert_eq!(
+        st["policies"],
+        serde_json::json!([{"dataset": "ds", "cold_after_secs": 3}]),
+        "{st}"
+    );
+
+    let st = wait_for("the policy to move ds to the object tier", 30 * SEC, || async {
+        let st = tier_status(&addr)?;
+        let d = ds_of(&st, "ds");
+        if n(d, "ssd_bytes") == 0 && n(d, "object_bytes") > 0 && queue_len(&st) == 0 {
+            Ok(st)
+        } else {
+            Err(format!("{d}"))
+        }
+    })
+    .await;
+    eprintln!("cold after {:?}: {st}", started.elapsed());
+    assert_eq!(
+        ds_of(&st, "ds")["pinned_to_object"],
+        serde_json::json!([1]),
+        "{st}"
+    );
+    wait_no_ssd_packs(&data, 10 * SEC).await;
+    assert!(!object_packs(url).await.is_empty());
+
+    // Reading it makes it hot again: the chunk server reports the reads
+    // within 5 s and the next scan moves the version back to SSD. With a
+    // 3 s policy it is cold again 3 s after the read and moves out once more,
+    // so the state on SSD lasts only about a second: poll it in-process.
+    download_same(&addr, "ds@1", &work.join("dl-cold"), &want);
+    let read_at = Instant::now();
+    let meta = c.client(1);
+    let mut last = String::new();
+    let st = loop {
+        let st = meta.tier_status().await.expect("tier status");
+        let d = ds_of(&st, "ds");
+        if n(d, "ssd_bytes") > 0 && n(d, "object_bytes") == 0 {
+            break st;
+        }
+        last = d.to_string();
+        assert!(
+            read_at.elapsed() < 40 * SEC,
+            "the policy did not move ds back to SSD within 40 s of a read; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    };
+    eprintln!(
+        "hot again {:?} after the read (before: {last}): {st}",
+        read_at.elapsed()
+    );
+    download_same(&addr, "ds@1", &work.join("dl-hot"), &want);
+
+    ok(
+        "policy clear",
+        granary(&[
+            "admin",
+            "tier",
+            "policy",
+            "clear",
+            "--dataset",
+            "ds",
+            "--server",
+            &addr,
+        ]),
+    );
+    let st = tier_status(&addr).unwrap();
+    assert_eq!(st["policies"], serde_json::json!([]), "{st}");
+    eprintln!(
+        "policy_moves_cold_data_and_back({url}) took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_policy_moves_cold_data_and_back() {
+    let objects = objects_dir();
+    policy_moves_cold_data_and_back(&file_url(&objects)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_policy_moves_cold_data_and_back() {
+    policy_moves_cold_data_and_back(&s3_url("tiering-policy")).await;
+}
+
+// ---------------------------------------------------------------------------
+// 5. Bad input
+// ---------------------------------------------------------------------------
+
+/// Asserts a failed command: exit code `code`, nothing on stdout, and one
+/// `error: ...` line (the last of stderr) that contains every needle. Returns it.
+#[track_caller]
+fn fails(what: &str, o: &Output, code: i32, needles: &[&str]) -> String {
+    let err = text(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "{what}: expected exit code {code}\nstdout: {}\nstderr: {err}",
+        text(&o.stdout)
+    );
+    assert!(
+        o.stdout.is_empty(),
+        "{what}: printed on stdout: {}",
+        text(&o.stdout)
+    );
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| l.to_lowercase().contains("error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{what}: expected one error line; stderr:\n{err}");
+    let line = errors[0];
+    assert!(
+        line.starts_with("error: "),
+        "{what}: malformed error line {line:?}"
+    );
+    for needle in needles {
+        assert!(
+            line.contains(needle),
+            "{what}: the error does not mention {needle:?}: {line}"
+        );
+    }
+    eprintln!("{what}: {line}");
+    line.to_string()
+}
+
+async fn bad_input_is_refused(url: &str) {
+    let work = workdir();
+    let work = work.path();
+    let c = start(url, &[]).await;
+    let addr = c.addr(1);
+    let src = work.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"some bytes").unwrap();
+    upload(&addr, &src, "ds", work);
+
+    let mv =
+        |target: &str, to: &str| granary(&["admin", "tier", "move", target, "--to", to, "--server", &addr]);
+    let line = fails("move nosuch", &mv("nosuch", "object"), 1, &["nosuch"]);
+    assert!(line.contains("not found"), "{line}");
+    let line = fails("move ds@99", &mv("ds@99", "object"), 1, &["ds@99"]);
+    assert!(line.contains("not found"), "{line}");
+    fails("move ds@1 --to tape", &mv("ds@1", "tape"), 2, &["tape"]);
+    let o = mv("ds@1", "tape");
+    assert!(text(&o.stderr).contains("object, ssd"), "{}", text(&o.stderr));
+    fails("move 'bad name!'", &mv("bad name!", "object"), 1, &["bad name!"]);
+    // Nothing was queued or pinned by the refused commands.
+    let st = tier_status(&addr).unwrap();
+    assert_eq!(queue_len(&st), 0, "{st}");
+    assert_eq!(
+        ds_of(&st, "ds")["pinned_to_object"],
+        serde_json::json!([]),
+        "{st}"
+    );
+    assert_eq!(n(ds_of(&st, "ds"), "object_bytes"), 0, "{st}");
+
+    // A server with an object store URL of an unknown kind does not start.
+    let data = work.join("bad-server");
+    let port = free_port().to_string();
+    let mut child = granary_cmd(&[
+        "server",
+        "--node-id",
+        "1",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        s(&data),
+        "--object-store",
+        "ftp://x",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn granary server");
+    let deadline = Instant::now() + 20 * SEC;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("granary server --object-store ftp://x still runs after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    let line = fails(
+        "server --object-store ftp://x",
+        &o,
+        1,
+        &["ftp://x", "s3://bucket", "file:///"],
+    );
+    assert_eq!(
+        line.matches("ftp://x").count(),
+        1,
+        "the error repeats itself: {line}"
+    );
+    assert_eq!(
+        text(&o.stderr).trim().lines().count(),
+        1,
+        "expected just the error line: {}",
+        text(&o.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_bad_input_is_refused() {
+    let objects = objects_dir();
+    bad_input_is_refused(&file_url(&objects)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_bad_input_is_refused() {
+    bad_input_is_refused(&s3_url("tiering-bad-input")).await;
+}
