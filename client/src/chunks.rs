@@ -269,7 +269,9 @@ impl ChunkServers {
                     return Ok(v);
                 }
                 Err(e) => {
-                    tracing::warn!(pack, addr, "read from chunk server failed, trying the next: {e}");
+                    if sources.len() > 1 {
+                        tracing::warn!(pack, addr, "read from chunk server failed, trying another: {e}");
+                    }
                     self.inner
                         .failed
                         .lock()
@@ -323,7 +325,10 @@ impl ChunkServers {
             decode_frame_into(&data[pos..pos + len], Some(id), &mut raw).map_err(|e| {
                 ClientError::Server {
                     code: tonic::Code::DataLoss,
-                    message: format!("chunk server {addr} returned a damaged frame of pack {pack}: {e}"),
+                    message: format!(
+                        "chunk server {addr} returned a damaged frame of pack {pack}: {e}; \
+                         `granary admin scrub` repairs it from another copy"
+                    ),
                 }
             })?;
             pos += len;
