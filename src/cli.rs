@@ -381,6 +381,8 @@ pub enum BenchCommand {
     Upload(crate::commands::bench::BenchUploadArgs),
     /// Reading through `granary mount` vs a local copy and `rclone mount` of it: cold, warm, random, small files, RSS.
     Mount(crate::commands::bench::BenchMountArgs),
+    /// Moving packs to an S3 object tier vs plain PUTs; cold reads from it through the mount vs `rclone mount`.
+    Tier(crate::commands::bench::BenchTierArgs),
 }
 
 #[derive(Debug, Args)]

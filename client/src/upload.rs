@@ -168,7 +168,11 @@ pub async fn upload_dir(
     }
 }
 
-/// True for the errors of a chunk that GC removed while an upload relied on it.
+/// True for the errors of a chunk or tree that GC removed while an upload
+/// relied on it: `PutTrees` refusing a tree whose chunk or subtree is gone
+/// ("... which is not stored"), or `CommitVersion` refusing a root that was
+/// already stored (so `PutTrees` skipped it) and then swept ("tree ... is not
+/// stored").
 fn lost_to_gc(e: &ClientError) -> bool {
     let text = e.to_string();
     text.contains("was removed from the cluster during the upload")
@@ -178,7 +182,7 @@ fn lost_to_gc(e: &ClientError) -> bool {
                 code: tonic::Code::FailedPrecondition,
                 ..
             }
-        ) && text.contains("which is not stored"))
+        ) && text.contains("is not stored"))
 }
 
 async fn upload_once(

@@ -3,6 +3,8 @@
 //! - [`store`]: [`PackStore`], pack files under `DATA_DIR/packs/XX/ID.pack`
 //!   (`ID.open` while a session writes them), disk usage.
 //! - [`service`]: the `Chunk` gRPC service: pack sessions and frame reads.
+//! - [`object_blocks`]: frame reads of packs only in the object tier, in
+//!   cached 16 MiB blocks.
 //!
 //! A pack session: the client streams whole frames to the first replica; each
 //! replica verifies every frame (BLAKE3 + CRC) as it appends it, forwards the
@@ -12,6 +14,7 @@
 //! then acknowledges the client. Any failure aborts the session on every
 //! replica (the `.open` files are deleted) and nothing is registered.
 
+pub mod object_blocks;
 pub mod service;
 pub mod store;
 

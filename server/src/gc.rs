@@ -10,8 +10,9 @@
 //!    in one entry). Applying one re-checks against what arrived since the
 //!    mark: trees stored after `mark_seq` and everything they reach are
 //!    kept, chunks of packs registered within the grace period are kept, and
-//!    a pack is only forgotten when none of its chunks was kept. Then the
-//!    copies of forgotten packs are deleted (SSD replicas and object).
+//!    a pack is only forgotten when none of its chunks was kept and no tier
+//!    move is queued for it (a later GC takes it once the move ends). Then
+//!    the copies of forgotten packs are deleted (SSD replicas and object).
 //! 3. **Compact**: packs whose live share of bytes is below the threshold
 //!    are rewritten: their live frames are copied (verified) into a new pack
 //!    on the same tier, one `CompactPack` entry registers it and re-points

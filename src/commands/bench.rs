@@ -5,11 +5,13 @@ mod datagen;
 mod ingest;
 mod meta;
 mod mount;
+mod tier;
 mod upload;
 
 pub use ingest::run as ingest;
 pub use meta::{run as meta, BenchMetaArgs};
 pub use mount::{run as mount, BenchMountArgs};
+pub use tier::{run as tier, BenchTierArgs};
 pub use upload::{run as upload, BenchUploadArgs};
 
 use std::process::{Command, Stdio};

@@ -23,6 +23,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Meta(args)) => bench::meta(&args),
         Command::Bench(BenchCommand::Upload(args)) => bench::upload(&args),
         Command::Bench(BenchCommand::Mount(args)) => bench::mount(&args),
+        Command::Bench(BenchCommand::Tier(args)) => bench::tier(&args),
         Command::Server(args) => server::run(args),
         Command::Upload(args) => data::upload(&args),
         Command::Download(args) => data::download(&args),

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::object_blocks::ObjectBlocks;
 use super::store::{verify_pack, PackStore};
 use crate::object::ObjectTier;
 
@@ -37,6 +38,8 @@ struct Inner {
     node_id: u64,
     store: PackStore,
     objects: ObjectTier,
+    /// Frame reads of packs only in the object tier, in cached blocks.
+    blocks: ObjectBlocks,
     meta: MetaClient,
     peers: Mutex<HashMap<String, Channel>>,
     /// Packs read since the last report, and when (ms).
@@ -75,6 +78,7 @@ impl ChunkService {
             inner: Arc::new(Inner {
                 node_id,
                 store,
+                blocks: ObjectBlocks::new(objects.clone()),
                 objects,
                 meta,
                 peers: Mutex::new(HashMap::new()),
@@ -210,16 +214,29 @@ impl ChunkService {
                 Err(e) => {
                     tracing::warn!(pack = id, "scrub found a damaged pack: {e}");
                     bad.push(id);
-                    if let Err(q) = store.quarantine(id) {
-                        failed.push(
-                            serde_json::json!({"pack": id, "error": format!("cannot quarantine: {q}")}),
-                        );
-                        continue;
+                    if !repair {
+                        continue; // report only: the copy stays where it is
                     }
-                    if repair {
-                        match self.repair(id).await {
-                            Ok(source) => repaired.push(serde_json::json!({"pack": id, "from": source})),
-                            Err(e) => failed.push(serde_json::json!({"pack": id, "error": e})),
+                    let moved = match store.quarantine(id) {
+                        Ok(moved) => moved,
+                        Err(q) => {
+                            failed.push(
+                                serde_json::json!({"pack": id, "error": format!("cannot quarantine: {q}")}),
+                            );
+                            continue;
+                        }
+                    };
+                    match self.repair(id).await {
+                        Ok(source) => repaired.push(serde_json::json!({"pack": id, "from": source})),
+                        Err(e) => {
+                            // No good copy anywhere: the damaged one goes back, so its
+                            // intact frames stay readable and the next scrub reports it again.
+                            if !store.sealed_path(id).exists() {
+                                if let Err(r) = std::fs::rename(&moved, store.sealed_path(id)) {
+                                    tracing::warn!(pack = id, "cannot put the damaged copy back: {r}");
+                                }
+                            }
+                            failed.push(serde_json::json!({"pack": id, "error": e}));
                         }
                     }
                 }
@@ -549,7 +566,7 @@ impl Chunk for ChunkService {
             Ok(data) => data,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !object_key.is_empty() => self
                 .inner
-                .objects
+                .blocks
                 .get_ranges(&object_key, &ranges)
                 .await
                 .map_err(|e| match e {

@@ -537,7 +537,11 @@ impl Applier<'_, '_> {
         }
         let mut dropped = Vec::new();
         for id in packs {
-            if kept_packs.contains(&id) {
+            // A pack the mover is working on stays until its move ends (a
+            // later GC takes it): forgetting it now would orphan the object
+            // a move to the object tier is uploading (or has uploaded and
+            // not yet recorded), which no one would ever delete.
+            if kept_packs.contains(&id) || self.r.exists(CF_MOVES, &id.to_be_bytes()).map_err(internal)? {
                 continue;
             }
             let Some(p) = self.r.pack(id).map_err(internal)? else {
@@ -790,6 +794,56 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(r.pack(pack).unwrap().is_some());
+    }
+
+    #[test]
+    fn gc_sweep_keeps_a_pack_the_mover_is_moving_until_the_move_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = granary_raft::store::open_db(dir.path(), COLUMN_FAMILIES).unwrap();
+        let r = Reader { db: &db };
+        let (root, chunk, pack) = store_file(&db, b"moving", 1, 1);
+        let queue = MetaCommand::QueueMoves {
+            packs: vec![pack],
+            to: TIER_OBJECT.into(),
+            pin: vec![],
+            unpin: vec![],
+            by: "manual".into(),
+            now_ms: 1,
+        };
+        apply(&db, queue).unwrap();
+        // Dead, but queued: its chunk goes, the pack (and the object the
+        // mover may be uploading) stays.
+        let mark = r.counter(COUNTER_TREE_SEQ).unwrap();
+        match sweep(&db, mark, vec![*root.as_bytes()], vec![chunk], vec![pack]) {
+            MetaReply::Swept { chunks, packs, .. } => assert_eq!((chunks, packs.len()), (1, 0)),
+            other => panic!("{other:?}"),
+        }
+        assert!(r.pack(pack).unwrap().is_some());
+        // The move ends; the next sweep forgets the pack with its object.
+        let key = "packs/0000000000000001.pack".to_string();
+        apply(
+            &db,
+            MetaCommand::PackUploaded {
+                id: pack,
+                object_key: key.clone(),
+            },
+        )
+        .unwrap();
+        let finish = MetaCommand::FinishMove {
+            id: pack,
+            to: TIER_OBJECT.into(),
+            replicas: vec![],
+            drop_object: false,
+        };
+        apply(&db, finish).unwrap();
+        match sweep(&db, mark, vec![], vec![], vec![pack]) {
+            MetaReply::Swept { packs, .. } => {
+                assert_eq!(packs.len(), 1);
+                assert_eq!(packs[0].1.object_key, key);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(r.pack(pack).unwrap().is_none());
     }
 
     #[test]

@@ -89,7 +89,7 @@ fn force_unmount(path: &Path) {
 }
 
 /// A `granary mount`; unmounted (waiting for the process to exit) on drop.
-struct GranaryMount {
+pub(super) struct GranaryMount {
     exe: PathBuf,
     path: PathBuf,
     cache: PathBuf,
@@ -98,12 +98,25 @@ struct GranaryMount {
 
 impl GranaryMount {
     fn new(exe: &Path, addr: &str, path: &Path, cache: &Path, args: &BenchMountArgs) -> anyhow::Result<Self> {
+        Self::open(exe, addr, "bench", path, cache, &args.mem_cache, &args.cache_size)
+    }
+
+    /// `granary mount DATASET PATH --cache-dir CACHE --mem-cache M --cache-size C`.
+    pub(super) fn open(
+        exe: &Path,
+        addr: &str,
+        dataset: &str,
+        path: &Path,
+        cache: &Path,
+        mem_cache: &str,
+        cache_size: &str,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(path)?;
         let out = Command::new(exe)
-            .args(["mount", "bench"])
+            .args(["mount", dataset])
             .arg(path)
-            .args(["--server", addr, "--mem-cache", &args.mem_cache])
-            .args(["--cache-size", &args.cache_size, "--cache-dir"])
+            .args(["--server", addr, "--mem-cache", mem_cache])
+            .args(["--cache-size", cache_size, "--cache-dir"])
             .arg(cache)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -152,13 +165,13 @@ impl Drop for GranaryMount {
 }
 
 /// `rclone mount SRC DIR --vfs-cache-mode full` as a child; unmounted and killed on drop.
-struct RcloneMount {
+pub(super) struct RcloneMount {
     path: PathBuf,
     child: Option<Child>,
 }
 
 impl RcloneMount {
-    fn new(src: &Path, path: &Path, cache: &Path, log: &Path) -> anyhow::Result<Self> {
+    pub(super) fn new(src: &Path, path: &Path, cache: &Path, log: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(path)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = Command::new("rclone")
@@ -211,7 +224,7 @@ impl Drop for RcloneMount {
 }
 
 /// Writes back dirty pages and drops the kernel's page, dentry and inode caches.
-fn drop_caches() -> anyhow::Result<()> {
+pub(super) fn drop_caches() -> anyhow::Result<()> {
     // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
     std::fs::write("/proc/sys/vm/drop_caches", "3")
@@ -219,7 +232,7 @@ fn drop_caches() -> anyhow::Result<()> {
 }
 
 /// Reads every file in `files` with `threads` threads; returns (seconds, bytes).
-fn read_files(files: &[PathBuf], threads: usize) -> anyhow::Result<(f64, u64)> {
+pub(super) fn read_files(files: &[PathBuf], threads: usize) -> anyhow::Result<(f64, u64)> {
     let next = AtomicUsize::new(0);
     let started = Instant::now();
     let bytes = std::thread::scope(|s| {

@@ -1,0 +1,272 @@
+//! Frame reads from object-tier packs in aligned blocks, with a small
+//! in-memory cache of recent blocks.
+//!
+//! `GetFrames` on a pack that is only in the object tier used to send one
+//! ranged GET per call: a mount reading a dataset of 1 MiB files sent one GET
+//! per file. A sequential reader now gets the aligned [`BLOCK`]-sized blocks
+//! that cover its call (one GET each, the blocks of a call concurrently), and
+//! the next [`PREFETCH_BLOCKS`] blocks start downloading while it reads
+//! them. The last [`CACHED_BLOCKS`] blocks are kept in memory and serve later
+//! calls; callers that want a block being fetched wait for that fetch instead
+//! of starting another. A sequential scan of a pack (a mount, a download)
+//! then costs one GET per block, overlapped with the reading.
+//!
+//! A call counts as sequential when it starts within a block of where one of
+//! the last few calls on the same object ended, or in (or just after) a block
+//! that is cached or being fetched; several readers of one pack are each
+//! recognised. Other calls (random reads) whose bytes are not all cached are
+//! read exactly, so they do not pull a whole block each.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::OnceCell;
+
+use crate::object::{ObjectError, ObjectTier};
+
+/// Block size of object-tier reads.
+const BLOCK: u64 = 16 << 20;
+/// Blocks kept in memory (at most `BLOCK * CACHED_BLOCKS` = 256 MiB, plus
+/// blocks still referenced by calls in progress).
+const CACHED_BLOCKS: usize = 16;
+/// Call ends remembered per object, to recognise several sequential readers.
+const ENDS_KEPT: usize = 8;
+/// Object sizes and last read positions remembered (sizes never change: packs are immutable).
+const SIZES_KEPT: usize = 4096;
+
+/// Blocks fetched ahead of a sequential reader.
+const PREFETCH_BLOCKS: u64 = 2;
+
+type BlockId = (String, u64);
+
+/// Block `i` of the object `key` of `size` bytes, with one GET.
+async fn fetch_block(tier: &ObjectTier, key: &str, i: u64, size: u64) -> Result<Bytes, ObjectError> {
+    let start = i * BLOCK;
+    let len = BLOCK.min(size - start) as u32;
+    tier.get_ranges(key, &[(start, len)]).await.map(Bytes::from)
+}
+
+/// Block reads of one object tier; see the module docs.
+pub struct ObjectBlocks {
+    tier: ObjectTier,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Cached (or being fetched) blocks; `order` is least recently used first.
+    blocks: HashMap<BlockId, Arc<OnceCell<Bytes>>>,
+    order: VecDeque<BlockId>,
+    sizes: HashMap<String, u64>,
+    /// Where the last few calls on each object ended.
+    ends: HashMap<String, VecDeque<u64>>,
+}
+
+impl ObjectBlocks {
+    pub fn new(tier: ObjectTier) -> Self {
+        Self {
+            tier,
+            state: Mutex::default(),
+        }
+    }
+
+    /// Like [`ObjectTier::get_ranges`]: byte ranges `(offset, len)` of object
+    /// `key`, concatenated in request order, read through the block cache.
+    pub async fn get_ranges(&self, key: &str, ranges: &[(u64, u32)]) -> Result<Vec<u8>, ObjectError> {
+        let wanted: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter(|(_, len)| *len > 0)
+            .map(|&(offset, len)| (offset, offset.saturating_add(u64::from(len))))
+            .collect();
+        let total: u64 = wanted.iter().map(|(s, e)| e - s).sum();
+        let mut ids: Vec<u64> = wanted
+            .iter()
+            .flat_map(|&(start, end)| start / BLOCK..end.div_ceil(BLOCK))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sequential = self.sequential(key, &wanted);
+        if !sequential && !self.all_cached(key, &ids) {
+            return self.tier.get_ranges(key, ranges).await;
+        }
+        let size = match self.known_size(key) {
+            Some(s) => s,
+            None => {
+                let size = self.tier.size(key).await?.ok_or_else(|| ObjectError::NotFound {
+                    url: self.tier.url().to_string(),
+                    key: key.to_string(),
+                })?;
+                let mut st = self.state.lock().expect("object block cache lock");
+                if st.sizes.len() >= SIZES_KEPT {
+                    st.sizes.clear();
+                }
+                st.sizes.insert(key.to_string(), size);
+                size
+            }
+        };
+        if wanted.iter().any(|&(_, end)| end > size) {
+            // Past the end of the object: the exact read reports it.
+            return self.tier.get_ranges(key, ranges).await;
+        }
+        let cells: Vec<(u64, Arc<OnceCell<Bytes>>)> = ids.iter().map(|&i| (i, self.cell(key, i))).collect();
+        if sequential {
+            // A sequential reader: fetch the next blocks while it reads these.
+            let last = *ids.last().expect("not empty");
+            for next in (last + 1..=last + PREFETCH_BLOCKS).take_while(|n| n * BLOCK < size) {
+                let cell = self.cell(key, next);
+                if !cell.initialized() {
+                    let (tier, key) = (self.tier.clone(), key.to_string());
+                    tokio::spawn(async move {
+                        let _ = cell
+                            .get_or_try_init(|| fetch_block(&tier, &key, next, size))
+                            .await;
+                    });
+                }
+            }
+        }
+        let blocks: Vec<Bytes> = futures::future::try_join_all(cells.iter().map(|(i, cell)| async move {
+            cell.get_or_try_init(|| fetch_block(&self.tier, key, *i, size))
+                .await
+                .cloned()
+        }))
+        .await?;
+        let mut out = Vec::with_capacity(total as usize);
+        for (start, end) in wanted {
+            let mut pos = start;
+            while pos < end {
+                let i = pos / BLOCK;
+                let block = &blocks[ids.binary_search(&i).expect("every covering block was fetched")];
+                let from = (pos - i * BLOCK) as usize;
+                let to = (end.min((i + 1) * BLOCK) - i * BLOCK) as usize;
+                out.extend_from_slice(&block[from..to]);
+                pos = (i + 1) * BLOCK;
+            }
+        }
+        Ok(out)
+    }
+
+    fn known_size(&self, key: &str) -> Option<u64> {
+        self.state
+            .lock()
+            .expect("object block cache lock")
+            .sizes
+            .get(key)
+            .copied()
+    }
+
+    /// Whether the call continues a sequential reader (see the module docs);
+    /// records where it ends.
+    fn sequential(&self, key: &str, wanted: &[(u64, u64)]) -> bool {
+        let start = wanted.iter().map(|r| r.0).min().unwrap_or(0);
+        let end = wanted.iter().map(|r| r.1).max().unwrap_or(0);
+        let mut st = self.state.lock().expect("object block cache lock");
+        let block = start / BLOCK;
+        let in_cache = [Some(block), block.checked_sub(1)]
+            .into_iter()
+            .flatten()
+            .any(|b| st.blocks.contains_key(&(key.to_string(), b)));
+        if st.ends.len() >= SIZES_KEPT && !st.ends.contains_key(key) {
+            st.ends.clear();
+        }
+        let ends = st.ends.entry(key.to_string()).or_default();
+        let near = ends.iter().any(|e| start.abs_diff(*e) <= BLOCK);
+        if ends.len() >= ENDS_KEPT {
+            ends.pop_front();
+        }
+        ends.push_back(end);
+        in_cache || near
+    }
+
+    fn all_cached(&self, key: &str, ids: &[u64]) -> bool {
+        let st = self.state.lock().expect("object block cache lock");
+        ids.iter().all(|&i| {
+            st.blocks
+                .get(&(key.to_string(), i))
+                .is_some_and(|c| c.initialized())
+        })
+    }
+
+    /// The cache cell of block `i` of `key` (new and empty when not cached),
+    /// marked most recently used; evicts the least recently used beyond the cap.
+    fn cell(&self, key: &str, i: u64) -> Arc<OnceCell<Bytes>> {
+        let id = (key.to_string(), i);
+        let mut st = self.state.lock().expect("object block cache lock");
+        if let Some(pos) = st.order.iter().position(|b| *b == id) {
+            st.order.remove(pos);
+        }
+        st.order.push_back(id.clone());
+        let cell = st.blocks.entry(id).or_default().clone();
+        while st.order.len() > CACHED_BLOCKS {
+            if let Some(old) = st.order.pop_front() {
+                st.blocks.remove(&old);
+            }
+        }
+        cell
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn block_reads_match_exact_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = ObjectTier::from_url(&format!("file://{}", dir.path().display())).unwrap();
+        let len = (2 * BLOCK + 12345) as usize;
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        tier.put_bytes("packs/x.pack", Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        let blocks = ObjectBlocks::new(tier.clone());
+        let cases: Vec<Vec<(u64, u32)>> = vec![
+            vec![(0, 10)],
+            vec![(BLOCK - 5, 2 << 20), (3, 7), (0, 0)],
+            vec![(0, BLOCK as u32), (BLOCK, BLOCK as u32), (2 * BLOCK, 12345)],
+            vec![(2 * BLOCK + 100, 1000), (5, 1 << 20)],
+        ];
+        for ranges in cases {
+            let want: Vec<u8> = ranges
+                .iter()
+                .flat_map(|&(o, l)| data[o as usize..o as usize + l as usize].iter().copied())
+                .collect();
+            assert_eq!(blocks.get_ranges("packs/x.pack", &ranges).await.unwrap(), want);
+        }
+        // A sequential reader's blocks are cached: once fetched, reads inside
+        // them do not go to the object tier.
+        let seq = ObjectBlocks::new(tier.clone());
+        assert_eq!(
+            seq.get_ranges("packs/x.pack", &[(0, 10)]).await.unwrap(),
+            data[..10]
+        );
+        assert_eq!(
+            seq.get_ranges("packs/x.pack", &[(10, 1000)]).await.unwrap(),
+            data[10..1010]
+        );
+        // Overwritten (packs never are): reads in the cached block still see the old bytes.
+        tier.put_bytes("packs/x.pack", Bytes::from(vec![0u8; len]))
+            .await
+            .unwrap();
+        assert_eq!(
+            seq.get_ranges("packs/x.pack", &[(5 << 20, 100)]).await.unwrap(),
+            data[5 << 20..(5 << 20) + 100],
+            "served from the cached block"
+        );
+        tier.put_bytes("packs/x.pack", Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        // Past the end and missing objects fail like exact reads.
+        assert!(blocks
+            .get_ranges("packs/x.pack", &[(len as u64 - 10, 2 << 20)])
+            .await
+            .is_err());
+        assert!(matches!(
+            blocks.get_ranges("packs/y.pack", &[(0, 2 << 20)]).await,
+            Err(ObjectError::NotFound { .. })
+        ));
+    }
+}
