@@ -333,12 +333,20 @@ pub fn ingest_dir(
         sink,
         progress,
     };
-    let results: Vec<FileResult> = pool.install(|| {
+    // Files are handed to the threads in walk order (`par_bridge` pulls from
+    // one shared iterator), not in rayon's halves of the list: the chunks
+    // then reach the packs in about path order, so a reader that walks the
+    // version in order reads each pack front to back once.
+    let mut indexed: Vec<(usize, FileResult)> = pool.install(|| {
         files
-            .par_iter()
-            .map(|job| worker.process(job))
+            .iter()
+            .enumerate()
+            .par_bridge()
+            .map(|(i, job)| worker.process(job).map(|r| (i, r)))
             .collect::<Result<_, _>>()
     })?;
+    indexed.sort_unstable_by_key(|(i, _)| *i);
+    let results: Vec<FileResult> = indexed.into_iter().map(|(_, r)| r).collect();
 
     // 5. Trees, bottom-up.
     let mut objects = Vec::new();
