@@ -784,7 +784,7 @@ async fn reads_stay_correct_while_a_replica_holder_dies() {
             log.push_str(&fs::read_to_string(p).unwrap());
         }
     }
-    let moved = log.matches("trying the next").count();
+    let moved = log.matches("trying another").count();
     eprintln!("{moved} fetches moved to another replica");
     assert!(moved > 0, "no fetch failed over; mount log:\n{log}");
 }
