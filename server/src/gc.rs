@@ -12,7 +12,9 @@
 //!    kept, chunks of packs registered within the grace period are kept, and
 //!    a pack is only forgotten when none of its chunks was kept and no tier
 //!    move is queued for it (a later GC takes it once the move ends). Then
-//!    the copies of forgotten packs are deleted (SSD replicas and object).
+//!    the copies of forgotten packs are deleted (SSD replicas and object),
+//!    and so are pack objects no record lists (older than the grace period,
+//!    no queued move): what a crash between an upload and its record left.
 //! 3. **Compact**: packs whose live share of bytes is below the threshold
 //!    are rewritten: their live frames are copied (verified) into a new pack
 //!    on the same tier, one `CompactPack` entry registers it and re-points
@@ -119,6 +121,7 @@ pub async fn run(cluster: &Cluster, opts: GcOptions) -> Result<serde_json::Value
         freed += pack.bytes;
         delete_copies(cluster, *id, pack).await;
     }
+    report["orphan_objects"] = json!(delete_orphan_objects(cluster, now, grace_ms).await);
     report["swept_trees"] = json!(trees);
     report["swept_chunks"] = json!(chunks);
     report["deleted_packs"] = json!(dropped.len());
@@ -292,6 +295,44 @@ async fn delete_copies(cluster: &Cluster, id: u64, pack: &PackRecord) {
             tracing::warn!(pack = id, "could not delete a dead pack's object: {e}");
         }
     }
+}
+
+/// Deletes pack objects that no pack record lists, older than the grace
+/// period and with no queued move: left by a crash between an upload and its
+/// Raft record (a compaction, a move whose pack GC took), or by a move back
+/// to SSD that died before deleting the object. Returns how many.
+async fn delete_orphan_objects(cluster: &Cluster, now: u64, grace_ms: u64) -> u64 {
+    let objects = match cluster.objects().list_pack_objects().await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!("GC cannot list the object tier, orphan objects stay: {e}");
+            return 0;
+        }
+    };
+    let mut deleted = 0;
+    for o in objects {
+        if o.modified_ms.saturating_add(grace_ms) > now {
+            continue;
+        }
+        let r = cluster.reader();
+        // Any record with an object copy counts, whatever its key: never
+        // delete what a record might name.
+        let listed = r
+            .pack(o.id)
+            .map_or(true, |p| p.is_some_and(|p| !p.object_key.is_empty()));
+        let moving = r.exists(CF_MOVES, &o.id.to_be_bytes()).unwrap_or(true);
+        if listed || moving {
+            continue;
+        }
+        match cluster.objects().delete(&o.key).await {
+            Ok(()) => {
+                tracing::info!(pack = o.id, key = %o.key, "deleted an object no pack lists");
+                deleted += 1;
+            }
+            Err(e) => tracing::warn!(pack = o.id, "could not delete an orphan object: {e}"),
+        }
+    }
+    deleted
 }
 
 /// A pack worth compacting and its live chunks.

@@ -80,6 +80,16 @@ pub enum ObjectError {
     },
 }
 
+/// A pack object found by [`ObjectTier::list_pack_objects`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackObject {
+    pub id: u64,
+    pub key: String,
+    pub size: u64,
+    /// Last modification, ms since the Unix epoch.
+    pub modified_ms: u64,
+}
+
 /// One object tier: a bucket (or directory) and an optional key prefix.
 #[derive(Debug, Clone)]
 pub struct ObjectTier {
@@ -419,6 +429,17 @@ impl ObjectTier {
     /// Every pack object under this tier's prefix as `(pack id, size)`, by
     /// id. Keys that are not `<prefix>/packs/<16 hex digits>.pack` are ignored.
     pub async fn list_packs(&self) -> Result<Vec<(u64, u64)>, ObjectError> {
+        Ok(self
+            .list_pack_objects()
+            .await?
+            .into_iter()
+            .map(|p| (p.id, p.size))
+            .collect())
+    }
+
+    /// Every pack object under this tier's prefix with its size and
+    /// modification time, sorted by pack id.
+    pub async fn list_pack_objects(&self) -> Result<Vec<PackObject>, ObjectError> {
         let dir = self.packs_dir();
         let location = self.location("list", &dir)?;
         let mut listing = self.store.list(Some(&location));
@@ -437,10 +458,15 @@ impl ObjectTier {
                 .filter(|n| n.len() == 16)
                 .and_then(|n| u64::from_str_radix(n, 16).ok())
             {
-                packs.push((id, meta.size));
+                packs.push(PackObject {
+                    id,
+                    key: meta.location.to_string(),
+                    size: meta.size,
+                    modified_ms: meta.last_modified.timestamp_millis().max(0) as u64,
+                });
             }
         }
-        packs.sort_unstable();
+        packs.sort_unstable_by_key(|p| p.id);
         Ok(packs)
     }
 
