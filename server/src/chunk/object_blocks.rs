@@ -36,7 +36,7 @@ const ENDS_KEPT: usize = 8;
 const SIZES_KEPT: usize = 4096;
 
 /// Blocks fetched ahead of a sequential reader.
-const PREFETCH_BLOCKS: u64 = 2;
+const PREFETCH_BLOCKS: u64 = 4;
 
 type BlockId = (String, u64);
 
