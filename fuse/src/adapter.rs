@@ -76,11 +76,19 @@ pub fn file_attr(a: &Attr) -> FileAttr {
 pub struct FuseAdapter {
     fs: Arc<GranaryFs>,
     rt: tokio::runtime::Handle,
+    /// The kernel supports zero-message opens and we use them: `open`
+    /// answers ENOSYS once and the kernel stops sending OPEN and RELEASE.
+    /// `GRANARY_FUSE_OPEN=1` turns them off (for comparisons).
+    zero_message_open: bool,
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<GranaryFs>, rt: tokio::runtime::Handle) -> Self {
-        Self { fs, rt }
+        Self {
+            fs,
+            rt,
+            zero_message_open: false,
+        }
     }
 }
 
@@ -100,6 +108,11 @@ impl fuser::Filesystem for FuseAdapter {
         ] {
             let _ = config.add_capabilities(flag);
         }
+        // Zero-message opens: `open` answers ENOSYS, the kernel then opens
+        // and closes files without asking us (keeping their page cache) and
+        // reads come with handle 0 (see GranaryFs::read_inode).
+        self.zero_message_open = std::env::var_os("GRANARY_FUSE_OPEN").is_none()
+            && config.add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT).is_ok();
         Ok(())
     }
 
@@ -153,6 +166,9 @@ impl fuser::Filesystem for FuseAdapter {
         if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             return reply.error(Errno::EROFS);
         }
+        if self.zero_message_open {
+            return reply.error(Errno::ENOSYS);
+        }
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.open(ino.0).await {
@@ -169,7 +185,7 @@ impl fuser::Filesystem for FuseAdapter {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -179,7 +195,12 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
-            match fs.read(fh.0, offset, size).await {
+            let result = if fh.0 == 0 {
+                fs.read_inode(ino.0, offset, size).await
+            } else {
+                fs.read(fh.0, offset, size).await
+            };
+            match result {
                 Ok(d) => reply.data(&d),
                 Err(e) => {
                     tracing::warn!(fh = fh.0, offset, size, "read failed: {e}");

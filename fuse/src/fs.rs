@@ -172,6 +172,9 @@ struct Readahead {
     issued_to: u64,
 }
 
+/// Files whose read state [`GranaryFs::read_inode`] keeps (then it starts over).
+const INODE_HANDLES: usize = 4096;
+
 struct Handle {
     layout: Arc<Layout>,
     ra: Mutex<Readahead>,
@@ -187,6 +190,8 @@ pub struct GranaryFs {
     /// (parent ino, name) -> ino.
     names: RwLock<HashMap<(u64, Vec<u8>), u64>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    /// Handles of files read without an open (see [`GranaryFs::read_inode`]).
+    inode_handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     prefetch_inflight: Arc<AtomicU64>,
 }
@@ -221,6 +226,7 @@ impl GranaryFs {
             inodes: RwLock::new(HashMap::from([(ROOT_INO, root)])),
             names: RwLock::default(),
             handles: RwLock::default(),
+            inode_handles: Mutex::default(),
             next_fh: AtomicU64::new(1),
             prefetch_inflight: Arc::default(),
         })
@@ -407,6 +413,40 @@ impl GranaryFs {
             .get(&fh)
             .cloned()
             .ok_or_else(|| FsError::Invalid(format!("no open file handle {fh}")))?;
+        self.read_handle(&h, offset, size).await
+    }
+
+    /// Reads file `ino` without an open handle: the kernel sends reads with
+    /// handle 0 once `open` answered ENOSYS (zero-message opens: no OPEN or
+    /// RELEASE round trip per file). The readahead state is then per inode,
+    /// kept for the most recently read files.
+    pub async fn read_inode(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let cached = self
+            .inode_handles
+            .lock()
+            .expect("inode handles")
+            .get(&ino)
+            .cloned();
+        let h = match cached {
+            Some(h) => h,
+            None => {
+                let inode = self.inode(ino)?;
+                let h = Arc::new(Handle {
+                    layout: self.layout(&inode).await?,
+                    ra: Mutex::default(),
+                });
+                let mut map = self.inode_handles.lock().expect("inode handles");
+                if map.len() >= INODE_HANDLES {
+                    map.clear();
+                }
+                map.entry(ino).or_insert(h).clone()
+            }
+        };
+        self.read_handle(&h, offset, size).await
+    }
+
+    async fn read_handle(&self, h: &Arc<Handle>, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let h = h.clone();
         let file_size = h.layout.size();
         let end = offset.saturating_add(size as u64).min(file_size);
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
