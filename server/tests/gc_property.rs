@@ -3,7 +3,7 @@
 //! returns to exactly the live size.
 //!
 //! Each case starts a real server in this process (one node, meta and chunk
-//! roles, `file://` object tier, fresh directories) and runs a random
+//! roles, fresh directories, an object tier) and runs a random
 //! sequence of operations on 2-3 small datasets: uploads (random edits of
 //! the dataset's last tree, or a fresh tree; files share pieces so chunks
 //! dedup across files, versions and datasets, and packs are shared), removal
@@ -20,10 +20,16 @@
 //! the grace period, two GCs must bring storage back to exactly the live
 //! size (see `Case::check_live_size`); removing the last version and one
 //! more GC must leave no pack registered and no pack file or object on disk.
-//! A second, deterministic test covers the one race of an upload with GC
-//! that random timing practically never hits.
+//! The property runs twice: with a `file://` object tier (its directory is
+//! checked on disk) and, in fewer cases, with an S3 one (a fresh prefix of
+//! `$GRANARY_TEST_S3_URL` per case, pack objects counted by listing the
+//! store; the S3 variant fails, not skips, when that variable is unset). A
+//! further deterministic test covers the one race of an upload with GC that
+//! random timing practically never hits.
 //!
-//! `PROPTEST_CASES` sets the number of cases (default [`DEFAULT_CASES`]);
+//! `PROPTEST_CASES` sets the number of `file://` cases (default
+//! [`DEFAULT_CASES`]), `GC_PROPERTY_S3_CASES` that of S3 cases (default
+//! [`DEFAULT_S3_CASES`]);
 //! shrinking is off unless `PROPTEST_MAX_SHRINK_ITERS` is set, since every
 //! case runs a server for a few seconds. `GC_PROPERTY_VERBOSE=1` prints each
 //! step as it runs; a failure prints every step of its case.
@@ -42,11 +48,14 @@ use granary_core::frame::FRAME_HEADER_LEN;
 use granary_core::pack::{INDEX_ENTRY_LEN, PACK_HEADER_LEN, TRAILER_LEN};
 use granary_core::tree::EntryData;
 use granary_core::{ChunkId, ChunkerConfig, TreeId};
+use granary_server::object::ObjectTier;
 use granary_server::{Roles, ServerConfig, ServerError};
 use proptest::prelude::*;
 
 /// Cases when `PROPTEST_CASES` is not set (about 4 s each on 2 busy cores).
 const DEFAULT_CASES: u32 = 16;
+/// Cases of the S3 variant when `GC_PROPERTY_S3_CASES` is not set.
+const DEFAULT_S3_CASES: u32 = 4;
 /// GC grace period of the servers (`GRANARY_GC_GRACE_SECS`).
 const GRACE: Duration = Duration::from_secs(1);
 /// How long to wait so that everything written before is out of the grace
@@ -402,17 +411,29 @@ where
 /// A server running in this process.
 struct Server {
     data: PathBuf,
-    objects: PathBuf,
+    /// The object tier's directory when it is `file://`; `None` for S3.
+    objects: Option<PathBuf>,
+    /// The object tier's URL.
+    object_url: String,
     client: Client,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
 
 impl Server {
-    async fn start(dir: &Path) -> Result<Self, String> {
+    /// A server with its data directory below `dir`; its object tier is
+    /// `object_url`, or `file://<dir>/objects` when that is `None`.
+    async fn start(dir: &Path, object_url: Option<&str>) -> Result<Self, String> {
         let data = dir.join("data");
-        let objects = dir.join("objects");
-        std::fs::create_dir_all(&objects).unwrap();
+        let (objects, object_url) = match object_url {
+            Some(url) => (None, url.to_string()),
+            None => {
+                let objects = dir.join("objects");
+                std::fs::create_dir_all(&objects).unwrap();
+                let url = format!("file://{}", objects.display());
+                (Some(objects), url)
+            }
+        };
         let addr = format!("127.0.0.1:{}", free_port());
         let cfg = ServerConfig {
             node_id: 1,
@@ -424,7 +445,7 @@ impl Server {
                 chunk: true,
             },
             replicas: 0,
-            object_store: Some(format!("file://{}", objects.display())),
+            object_store: Some(object_url.clone()),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(granary_server::run(cfg, async {
@@ -447,6 +468,7 @@ impl Server {
         Ok(Self {
             data,
             objects,
+            object_url,
             client,
             stop,
             task,
@@ -463,11 +485,24 @@ impl Server {
         }
     }
 
-    /// Bytes and files of packs on disk: SSD packs and objects.
-    fn stored(&self) -> (u64, u64) {
+    /// Bytes and number of stored packs: SSD pack files, and the files
+    /// below a `file://` object tier's directory or the pack objects an S3
+    /// listing shows.
+    async fn stored(&self) -> Result<(u64, u64), String> {
         let (a, n) = disk_usage(&self.data.join("packs"));
-        let (b, m) = disk_usage(&self.objects);
-        (a + b, n + m)
+        let (b, m) = match &self.objects {
+            Some(dir) => disk_usage(dir),
+            None => {
+                let url = &self.object_url;
+                let packs = ObjectTier::from_url(url)
+                    .map_err(|e| format!("object tier {url}: {e}"))?
+                    .list_packs()
+                    .await
+                    .map_err(|e| format!("listing {url}: {e}"))?;
+                (packs.iter().map(|(_, size)| size).sum(), packs.len() as u64)
+            }
+        };
+        Ok((a + b, n + m))
     }
 }
 
@@ -999,7 +1034,7 @@ impl Case {
         // leftover of an interrupted session) within the chunk server's
         // sweep period.
         wait_for("disk usage to match the registered packs", TIMEOUT, || async {
-            let (bytes, files) = self.server.stored();
+            let (bytes, files) = self.server.stored().await?;
             if bytes == registered && files == packs.len() as u64 {
                 Ok(())
             } else {
@@ -1093,7 +1128,7 @@ impl Case {
             }
         }
         wait_for("every pack file and object to be deleted", TIMEOUT, || async {
-            match self.server.stored() {
+            match self.server.stored().await? {
                 (0, 0) => Ok(()),
                 (bytes, files) => Err(format!("{files} files of {bytes} bytes left")),
             }
@@ -1104,10 +1139,16 @@ impl Case {
     }
 }
 
-async fn run_case(seed: u64, datasets: usize, ops: &[Op], log: &mut Vec<String>) -> Result<(), String> {
+async fn run_case(
+    object_url: Option<&str>,
+    seed: u64,
+    datasets: usize,
+    ops: &[Op],
+    log: &mut Vec<String>,
+) -> Result<(), String> {
     take_events();
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let server = Server::start(tmp.path()).await?;
+    let server = Server::start(tmp.path(), object_url).await?;
     let mut case = Case {
         server,
         tmp: tmp.path().to_path_buf(),
@@ -1230,6 +1271,42 @@ fn config() -> ProptestConfig {
     }
 }
 
+/// Runs one case against a fresh server whose object tier is `object_url`
+/// (`None`: a `file://` directory); panics with the case's steps on failure.
+fn check_case(object_url: Option<&str>, seed: u64, datasets: usize, ops: &[Op]) {
+    // One case at a time, also across the `file://` and S3 tests: a case's
+    // log holds every warning recorded while it runs (EVENTS is global).
+    static ONE_CASE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let one_case = ONE_CASE.lock().unwrap_or_else(|e| e.into_inner());
+    setup();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let mut log = Vec::new();
+    let result = rt.block_on(run_case(object_url, seed, datasets, ops, &mut log));
+    drop(rt);
+    drop(one_case);
+    if std::env::var_os("GC_PROPERTY_VERBOSE").is_some() {
+        eprintln!(
+            "case: {} steps in {:.1?}; uploads retried after losing a chunk to GC so far: {}",
+            ops.len(),
+            started.elapsed(),
+            RETRIES.load(Ordering::Relaxed)
+        );
+    }
+    if let Err(e) = result {
+        let tier = object_url.unwrap_or("a file:// directory");
+        panic!(
+            "{e}\n\ncase: seed {seed}, {datasets} datasets, {} ops, object tier {tier}; steps done:\n  {}\n",
+            ops.len(),
+            log.join("\n  ")
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -1239,31 +1316,41 @@ proptest! {
         datasets in 2..=3usize,
         ops in prop::collection::vec(op(), 4..=12),
     ) {
-        setup();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(4)
-            .enable_all()
-            .build()
-            .unwrap();
-        let started = Instant::now();
-        let mut log = Vec::new();
-        let result = rt.block_on(run_case(seed, datasets, &ops, &mut log));
-        drop(rt);
-        if std::env::var_os("GC_PROPERTY_VERBOSE").is_some() {
-            eprintln!(
-                "case: {} steps in {:.1?}; uploads retried after losing a chunk to GC so far: {}",
-                ops.len(),
-                started.elapsed(),
-                RETRIES.load(Ordering::Relaxed)
-            );
-        }
-        if let Err(e) = result {
-            panic!(
-                "{e}\n\ncase: seed {seed}, {datasets} datasets, {} ops; steps done:\n  {}\n",
-                ops.len(),
-                log.join("\n  ")
-            );
-        }
+        check_case(None, seed, datasets, &ops);
+    }
+}
+
+/// The same property with the server's object tier in S3: each case uses
+/// its own prefix `$GRANARY_TEST_S3_URL/gc-property-<unique>`, and the end
+/// checks count pack objects through an S3 listing. `GC_PROPERTY_S3_CASES`
+/// sets the number of cases (default [`DEFAULT_S3_CASES`]). Fails, not
+/// skips, when `GRANARY_TEST_S3_URL` is unset.
+#[test]
+fn s3_gc_keeps_live_versions_and_returns_storage() {
+    let base = std::env::var("GRANARY_TEST_S3_URL").unwrap_or_else(|_| {
+        panic!("GRANARY_TEST_S3_URL is not set; run the suite with ./scripts/test, which starts an S3 server")
+    });
+    let cases = std::env::var("GC_PROPERTY_S3_CASES")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(DEFAULT_S3_CASES);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases, ..config() });
+    let cases = (any::<u64>(), 2..=3usize, prop::collection::vec(op(), 4..=12));
+    let result = runner.run(&cases, |(seed, datasets, ops)| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let url = format!(
+            "{}/gc-property-{}-{nanos:x}",
+            base.trim_end_matches('/'),
+            std::process::id()
+        );
+        check_case(Some(&url), seed, datasets, &ops);
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }
 
@@ -1285,7 +1372,7 @@ fn commit_of_a_root_swept_after_put_trees_is_refused_as_not_stored() {
         .unwrap();
     rt.block_on(async {
         let tmp = tempfile::tempdir().unwrap();
-        let server = Server::start(tmp.path()).await.unwrap();
+        let server = Server::start(tmp.path(), None).await.unwrap();
         let (client, meta) = (server.client.clone(), server.client.meta().clone());
         let files = Gen::new(7).fresh();
         let src = tmp.path().join("src");
