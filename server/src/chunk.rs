@@ -3,6 +3,7 @@
 //! - [`store`]: [`PackStore`], pack files under `DATA_DIR/packs/XX/ID.pack`
 //!   (`ID.open` while a session writes them), disk usage.
 //! - [`service`]: the `Chunk` gRPC service: pack sessions and frame reads.
+//! - [`peers`]: gRPC clients for other chunk servers, shared by the node.
 //! - [`object_blocks`]: frame reads of packs only in the object tier, in
 //!   cached 16 MiB blocks.
 //!
@@ -15,6 +16,7 @@
 //! replica (the `.open` files are deleted) and nothing is registered.
 
 pub mod object_blocks;
+pub mod peers;
 pub mod service;
 pub mod store;
 

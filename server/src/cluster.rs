@@ -6,8 +6,7 @@
 //! object tier, gRPC clients for chunk servers, and placement: which chunk
 //! servers are alive and which get a new copy of a pack.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use granary_client::chunk_proto::chunk_client::ChunkClient;
@@ -16,6 +15,7 @@ use granary_raft::{RaftNode, RaftNodeError};
 use tonic::transport::Channel;
 use tonic::Status;
 
+use crate::chunk::peers::ChunkPeers;
 use crate::meta::command::{MetaCommand, MetaReply, MetaResult};
 use crate::meta::state::{NodeRecord, Reader, CF_NODES};
 use crate::meta::MetaApp;
@@ -62,7 +62,7 @@ struct Inner {
     replicas: usize,
     /// Scratch space for whole packs (compaction, object-tier scrub).
     tmp_dir: std::path::PathBuf,
-    channels: Mutex<HashMap<String, Channel>>,
+    peers: ChunkPeers,
 }
 
 impl Cluster {
@@ -71,6 +71,7 @@ impl Cluster {
         objects: ObjectTier,
         replicas: usize,
         tmp_dir: std::path::PathBuf,
+        peers: ChunkPeers,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -78,7 +79,7 @@ impl Cluster {
                 objects,
                 replicas,
                 tmp_dir,
-                channels: Mutex::new(HashMap::new()),
+                peers,
             }),
         }
     }
@@ -124,20 +125,7 @@ impl Cluster {
 
     /// A client for the chunk server at `addr`.
     pub fn chunk(&self, addr: &str) -> Result<ChunkClient<Channel>, Status> {
-        let mut channels = self.inner.channels.lock().expect("channel map lock");
-        let channel = match channels.get(addr) {
-            Some(c) => c.clone(),
-            None => {
-                let c = granary_raft::network::endpoint(addr)
-                    .map_err(|e| Status::invalid_argument(format!("bad chunk server address '{addr}': {e}")))?
-                    .connect_lazy();
-                channels.insert(addr.to_string(), c.clone());
-                c
-            }
-        };
-        Ok(ChunkClient::new(channel)
-            .max_decoding_message_size(granary_client::MAX_MESSAGE)
-            .max_encoding_message_size(granary_client::MAX_MESSAGE))
+        self.inner.peers.client(addr)
     }
 
     /// Every registered chunk server, by id.

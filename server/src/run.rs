@@ -24,6 +24,7 @@ use tokio_stream::StreamExt;
 
 use granary_client::MetaClient;
 
+use crate::chunk::peers::ChunkPeers;
 use crate::chunk::{ChunkService, PackStore};
 use crate::cluster::Cluster;
 use crate::meta::command::MetaCommand;
@@ -221,11 +222,13 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tracing::info!(url = %objects.url(), "object tier");
+    let peers = ChunkPeers::default();
     let cluster = Cluster::new(
         node.clone(),
         objects.clone(),
         cfg.replicas,
         cfg.data_dir.join("tmp"),
+        peers.clone(),
     );
     let store = if cfg.roles.chunk {
         Some(
@@ -246,6 +249,7 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
                 store.clone(),
                 objects.clone(),
                 meta,
+                peers.clone(),
             ))
         }
         None => None,

@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::object_blocks::ObjectBlocks;
+use super::peers::ChunkPeers;
 use super::store::{verify_pack, PackStore};
 use crate::object::ObjectTier;
 
@@ -41,7 +42,7 @@ struct Inner {
     /// Frame reads of packs only in the object tier, in cached blocks.
     blocks: ObjectBlocks,
     meta: MetaClient,
-    peers: Mutex<HashMap<String, Channel>>,
+    peers: ChunkPeers,
     /// Packs read since the last report, and when (ms).
     reads: Mutex<HashMap<u64, u64>>,
 }
@@ -73,7 +74,13 @@ fn pack_status(node: u64, id: u64, e: PackError) -> Status {
 }
 
 impl ChunkService {
-    pub fn new(node_id: u64, store: PackStore, objects: ObjectTier, meta: MetaClient) -> Self {
+    pub fn new(
+        node_id: u64,
+        store: PackStore,
+        objects: ObjectTier,
+        meta: MetaClient,
+        peers: ChunkPeers,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 node_id,
@@ -81,7 +88,7 @@ impl ChunkService {
                 blocks: ObjectBlocks::new(objects.clone()),
                 objects,
                 meta,
-                peers: Mutex::new(HashMap::new()),
+                peers,
                 reads: Mutex::new(HashMap::new()),
             }),
         }
@@ -282,20 +289,7 @@ impl ChunkService {
     }
 
     fn peer(&self, addr: &str) -> Result<ChunkClient<Channel>, Status> {
-        let mut peers = self.inner.peers.lock().expect("peer map lock");
-        let channel = match peers.get(addr) {
-            Some(c) => c.clone(),
-            None => {
-                let c = granary_raft::network::endpoint(addr)
-                    .map_err(|e| Status::invalid_argument(format!("bad replica address '{addr}': {e}")))?
-                    .connect_lazy();
-                peers.insert(addr.to_string(), c.clone());
-                c
-            }
-        };
-        Ok(ChunkClient::new(channel)
-            .max_decoding_message_size(granary_client::MAX_MESSAGE)
-            .max_encoding_message_size(granary_client::MAX_MESSAGE))
+        self.inner.peers.client(addr)
     }
 
     /// Runs one pack session; on error the caller aborts the local file.
