@@ -327,7 +327,7 @@ impl ChunkServers {
                     code: tonic::Code::DataLoss,
                     message: format!(
                         "chunk server {addr} returned a damaged frame of pack {pack}: {e}; \
-                         `granary admin scrub` repairs it from another copy"
+                         `granary admin scrub` reports it and repairs it where another copy exists"
                     ),
                 }
             })?;
