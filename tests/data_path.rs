@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,12 +46,6 @@ const PER_CHUNK: u64 = 48 + 48;
 // ---------------------------------------------------------------------------
 // Running the CLI
 // ---------------------------------------------------------------------------
-
-#[track_caller]
-fn ok_json(what: &str, o: Output) -> Value {
-    let out = ok(what, o);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{what}: stdout is not JSON ({e}): {out}"))
-}
 
 /// Asserts a failure the way the CLI promises it: exit code 1, nothing on
 /// stdout, and exactly one `error: ...` line, the last line of stderr, that
@@ -204,95 +198,6 @@ impl Drop for KillOnDrop {
 // Trees on disk: building fixtures and comparing
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Kind {
-    File { size: u64, blake3: String },
-    Dir,
-    Symlink(Vec<u8>),
-}
-
-/// What a download must reproduce of one entry. Symlinks carry only their target.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Entry {
-    kind: Kind,
-    mode: u32,
-    mtime: (i64, i64),
-}
-
-type Snapshot = BTreeMap<Vec<u8>, Entry>;
-
-fn hash_file(p: &Path) -> String {
-    let mut h = blake3::Hasher::new();
-    let mut f = File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
-    std::io::copy(&mut f, &mut h).unwrap();
-    h.finalize().to_hex().to_string()
-}
-
-/// Every entry below `root` (the root itself excluded: its mode and mtime are not stored).
-fn snapshot(root: &Path) -> Snapshot {
-    fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
-        for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
-            let p = e.unwrap().path();
-            let m = fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
-            let ft = m.file_type();
-            let entry = if ft.is_symlink() {
-                Entry {
-                    kind: Kind::Symlink(fs::read_link(&p).unwrap().into_os_string().into_vec()),
-                    mode: 0,
-                    mtime: (0, 0),
-                }
-            } else {
-                let kind = if ft.is_dir() {
-                    walk(root, &p, out);
-                    Kind::Dir
-                } else {
-                    assert!(ft.is_file(), "unexpected file type at {}", p.display());
-                    Kind::File {
-                        size: m.len(),
-                        blake3: hash_file(&p),
-                    }
-                };
-                Entry {
-                    kind,
-                    mode: m.mode() & 0o7777,
-                    mtime: (m.mtime(), m.mtime_nsec()),
-                }
-            };
-            out.insert(rel, entry);
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-/// Asserts two snapshots are identical, naming every differing path.
-#[track_caller]
-fn assert_same(what: &str, want: &Snapshot, got: &Snapshot) {
-    if want == got {
-        return;
-    }
-    let mut report = Vec::new();
-    for (k, w) in want {
-        match got.get(k) {
-            None => report.push(format!("missing {:?}: {w:?}", text(k))),
-            Some(g) if g != w => report.push(format!("differs {:?}:\n   want {w:?}\n   got  {g:?}", text(k))),
-            _ => {}
-        }
-    }
-    for (k, g) in got {
-        if !want.contains_key(k) {
-            report.push(format!("extra {:?}: {g:?}", text(k)));
-        }
-    }
-    panic!(
-        "{what}: trees differ in {} entries:\n{}",
-        report.len(),
-        report.join("\n")
-    );
-}
-
 /// Checks a download of `version` into a fresh directory under `work` equals `want`.
 #[track_caller]
 fn download_matches(addr: &str, version: &str, work: &Path, want: &Snapshot) -> Value {
@@ -329,12 +234,6 @@ fn put(p: &Path, data: &[u8], mode: u32, mtime: SystemTime) {
     fs::write(p, data).unwrap();
     chmod(p, mode);
     set_mtime(p, mtime);
-}
-
-fn random_bytes(rng: &mut fastrand::Rng, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    rng.fill(&mut v);
-    v
 }
 
 /// `files` random files under `root` spread over 8 directories, sizes drawn
@@ -611,13 +510,7 @@ async fn round_trip_is_identical_and_ls_and_diff_show_it() {
         "fixture: {:?}",
         v1_tree.keys().map(|k| text(k)).collect::<Vec<_>>()
     );
-    let file_bytes: u64 = v1_tree
-        .values()
-        .map(|e| match e.kind {
-            Kind::File { size, .. } => size,
-            _ => 0,
-        })
-        .sum();
+    let file_bytes: u64 = file_bytes(&v1_tree);
 
     // v1
     let up = upload_ok(&addr, &src, "rt", &["-m", "first"]);

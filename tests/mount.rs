@@ -3,15 +3,14 @@
 //! `granary mount` under the test's own temporary directory, read through the
 //! kernel, unmounted with `granary umount`.
 //!
-//! Every mount is held by a [`MountGuard`] that lazily unmounts on drop, also
-//! when the test panics, so no test leaves a mount behind.
+//! Every mount is held by a [`MountGuard`] (`tests/common`) that lazily
+//! unmounts on drop, also when the test panics, so no test leaves a mount
+//! behind.
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,112 +19,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-
-/// Whether `p` is a mountpoint now.
-fn is_mounted(p: &Path) -> bool {
-    let want = fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.to_str().unwrap()))
-}
-
-/// Unmounts (lazily, so a panicking test's open files do not block it) on drop.
-struct MountGuard {
-    path: PathBuf,
-    cache: PathBuf,
-}
-
-impl MountGuard {
-    /// `granary mount VERSION PATH --cache-dir CACHE --server ADDR`; asserts success.
-    #[track_caller]
-    fn mount(addr: &str, version: &str, path: &Path, cache: &Path) -> Self {
-        Self::mount_with(addr, version, path, cache, &[])
-    }
-
-    /// As [`MountGuard::mount`], with `extra` flags appended.
-    #[track_caller]
-    fn mount_with(addr: &str, version: &str, path: &Path, cache: &Path, extra: &[&str]) -> Self {
-        fs::create_dir_all(path).unwrap();
-        let started = Instant::now();
-        let mut args = vec![
-            "mount",
-            version,
-            s(path),
-            "--server",
-            addr,
-            "--cache-dir",
-            s(cache),
-        ];
-        args.extend_from_slice(extra);
-        let o = granary(&args);
-        let g = MountGuard {
-            path: path.to_path_buf(),
-            cache: cache.to_path_buf(),
-        };
-        ok(&format!("mount {version}"), o);
-        eprintln!("mount {version} took {:?}", started.elapsed());
-        assert!(
-            is_mounted(path),
-            "{} is not mounted after `granary mount`",
-            path.display()
-        );
-        g
-    }
-
-    /// The mount's counters (`granary cache-stats --json`).
-    fn stats(&self) -> Value {
-        let out = ok(
-            "cache-stats",
-            granary(&[
-                "cache-stats",
-                s(&self.path),
-                "--cache-dir",
-                s(&self.cache),
-                "--json",
-            ]),
-        );
-        serde_json::from_str(&out).unwrap()
-    }
-
-    /// `granary umount` (which waits for the mount process to write its
-    /// final counters and exit); returns those counters.
-    fn umount(self) -> Value {
-        let pid = self.stats()["pid"].as_u64().unwrap();
-        ok(
-            "umount",
-            granary(&["umount", s(&self.path), "--cache-dir", s(&self.cache)]),
-        );
-        assert!(!is_mounted(&self.path));
-        assert!(
-            !Path::new(&format!("/proc/{pid}")).exists(),
-            "mount process {pid} still runs after umount"
-        );
-        let v = self.stats();
-        assert_eq!(v["mounted"], false);
-        v["stats"].clone()
-    }
-}
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        if is_mounted(&self.path) {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(&self.path)
-                .status();
-            if is_mounted(&self.path) {
-                let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-            }
-        }
-    }
-}
-
-fn random_bytes(rng: &mut fastrand::Rng, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    rng.fill(&mut v);
-    v
-}
 
 /// A dataset directory: nested dirs, files from empty to several MiB
 /// (incompressible and repetitive), odd names and modes, symlinks.
@@ -172,48 +65,6 @@ fn make_tree(root: &Path, seed: u64) {
     }
     std::os::unix::fs::symlink("a/b/c/deep.bin", root.join("link")).unwrap();
     std::os::unix::fs::symlink("/nonexistent/target", root.join("a/dangling")).unwrap();
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Kind {
-    Dir,
-    File { size: u64, blake3: String },
-    Symlink(Vec<u8>),
-}
-
-/// path -> (kind, mode & 0o7777 (0 for symlinks)), by a recursive walk.
-fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, (Kind, u32)> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, (Kind, u32)>) {
-        for e in fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            let m = fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
-            let ft = m.file_type();
-            let v = if ft.is_symlink() {
-                (
-                    Kind::Symlink(fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
-                    0,
-                )
-            } else if ft.is_dir() {
-                walk(root, &p, out);
-                (Kind::Dir, m.mode() & 0o7777)
-            } else {
-                let mut h = blake3::Hasher::new();
-                std::io::copy(&mut File::open(&p).unwrap(), &mut h).unwrap();
-                (
-                    Kind::File {
-                        size: m.len(),
-                        blake3: h.finalize().to_hex().to_string(),
-                    },
-                    m.mode() & 0o7777,
-                )
-            };
-            out.insert(rel, v);
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
 }
 
 struct Fixture {
@@ -294,7 +145,7 @@ async fn mounted_version_reads_like_the_source_and_refuses_writes() {
 
     // Names, kinds, sizes, modes, symlink targets, content hashes.
     let started = Instant::now();
-    assert_eq!(snapshot(&mnt), snapshot(&src));
+    assert_eq!(snapshot_without_mtimes(&mnt), snapshot_without_mtimes(&src));
     eprintln!("cold walk + hash of the whole version: {:?}", started.elapsed());
     let meta = fs::metadata(mnt.join("small.txt")).unwrap();
     assert_eq!(meta.nlink(), 1);
@@ -373,7 +224,7 @@ async fn mounted_version_reads_like_the_source_and_refuses_writes() {
     );
     erofs("symlink", std::os::unix::fs::symlink("x", mnt.join("l2")));
     erofs("hard link", fs::hard_link(mnt.join("one"), mnt.join("one2")));
-    assert_eq!(snapshot(mnt), snapshot(&src));
+    assert_eq!(snapshot_without_mtimes(mnt), snapshot_without_mtimes(&src));
     let nothing = fs::metadata(mnt.join("nothing-here")).unwrap_err();
     assert_eq!(nothing.kind(), ErrorKind::NotFound);
 
@@ -403,13 +254,7 @@ fn wait_stats(m: &MountGuard, done: impl Fn(&Value) -> bool) -> Value {
 
 /// Bytes of every regular file under `root` (by a full read), to warm or check counters.
 fn read_everything(root: &Path) -> u64 {
-    snapshot(root)
-        .values()
-        .map(|(k, _)| match k {
-            Kind::File { size, .. } => *size,
-            _ => 0,
-        })
-        .sum()
+    file_bytes(&snapshot_without_mtimes(root))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -418,21 +263,21 @@ async fn two_versions_warm_remount_corrupt_cache_and_prefetch() {
     let src = f.path("src");
     make_tree(&src, 2);
     f.upload(&src, "ds");
-    let v1 = snapshot(&src);
+    let v1 = snapshot_without_mtimes(&src);
     // Version 2: one file changed, one removed, one added.
     fs::write(src.join("small.txt"), b"changed in v2").unwrap();
     fs::remove_file(src.join("a/b/mid.bin")).unwrap();
     fs::write(src.join("added.bin"), vec![7u8; 123_456]).unwrap();
     f.upload(&src, "ds");
-    let v2 = snapshot(&src);
+    let v2 = snapshot_without_mtimes(&src);
     assert_ne!(v1, v2);
 
     // Both versions mounted at once, sharing one cache directory.
     let cache = f.path("cache");
     let m1 = MountGuard::mount(&f.addr, "ds@1", &f.path("m1"), &cache);
     let m2 = MountGuard::mount(&f.addr, "ds", &f.path("m2"), &cache);
-    assert_eq!(snapshot(&f.path("m1")), v1);
-    assert_eq!(snapshot(&f.path("m2")), v2);
+    assert_eq!(snapshot_without_mtimes(&f.path("m1")), v1);
+    assert_eq!(snapshot_without_mtimes(&f.path("m2")), v2);
     let s1 = m1.umount();
     let s2 = m2.umount();
     eprintln!("cold counters: v1 {s1}\nv2 {s2}");
@@ -469,8 +314,8 @@ async fn two_versions_warm_remount_corrupt_cache_and_prefetch() {
     }
     let m2 = MountGuard::mount(&f.addr, "ds@2", &f.path("m2"), &cache);
     let m1 = MountGuard::mount(&f.addr, "ds@1", &f.path("m1"), &cache);
-    assert_eq!(snapshot(&f.path("m2")), v2);
-    assert_eq!(snapshot(&f.path("m1")), v1);
+    assert_eq!(snapshot_without_mtimes(&f.path("m2")), v2);
+    assert_eq!(snapshot_without_mtimes(&f.path("m1")), v1);
     let a = m2.umount();
     let b = m1.umount();
     eprintln!("after damage: {a}\n{b}");
@@ -506,7 +351,7 @@ async fn two_versions_warm_remount_corrupt_cache_and_prefetch() {
     let again: Value = serde_json::from_str(&ok("prefetch again", o)).unwrap();
     assert_eq!(again["fetched_bytes"], 0, "{again}");
     let m1 = MountGuard::mount(&f.addr, "ds@1", &f.path("m1"), &cache2);
-    assert_eq!(snapshot(&f.path("m1")), v1);
+    assert_eq!(snapshot_without_mtimes(&f.path("m1")), v1);
     let st = m1.umount();
     assert_eq!(st["bytes_fetched"], 0, "{st}");
 }
@@ -641,23 +486,9 @@ async fn reads_fail_with_eio_while_the_cluster_is_down_and_recover() {
             }
         }
     }
-    assert_eq!(snapshot(&mnt), snapshot(&src));
+    assert_eq!(snapshot_without_mtimes(&mnt), snapshot_without_mtimes(&src));
     let st = m.umount();
     eprintln!("counters after the outage: {st}");
-}
-
-/// Reads `len` bytes at `off` of `path` through the mount, then drops the
-/// file's pages from the kernel page cache, so the next read of the same
-/// range goes to the mount process again.
-fn read_uncached(path: &Path, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    use std::os::fd::AsRawFd;
-    let f = File::open(path)?;
-    let mut buf = vec![0u8; len];
-    let n = f.read_at(&mut buf, off)?;
-    buf.truncate(n);
-    // SAFETY: fadvise on our own open descriptor.
-    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    Ok(buf)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

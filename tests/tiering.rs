@@ -15,13 +15,13 @@
 //!    download runs; 4. a cold-after policy moves a version to the object tier
 //!    and, once it is read again, back; 5. bad input fails with one clear line.
 
+#[macro_use]
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -33,34 +33,6 @@ const SEC: Duration = Duration::from_secs(1);
 // ---------------------------------------------------------------------------
 // Object stores
 // ---------------------------------------------------------------------------
-
-/// A fresh directory for a `file://` object tier (removed on drop).
-fn objects_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("granary-objects-")
-        .tempdir()
-        .expect("temp dir")
-}
-
-fn file_url(dir: &tempfile::TempDir) -> String {
-    format!("file://{}", dir.path().display())
-}
-
-/// `$GRANARY_TEST_S3_URL/<test>-<unique>`: a prefix no other test (or earlier run) uses.
-fn s3_url(test: &str) -> String {
-    let base = std::env::var("GRANARY_TEST_S3_URL").unwrap_or_else(|_| {
-        panic!("GRANARY_TEST_S3_URL is not set; run the suite with ./scripts/test, which starts an S3 server")
-    });
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "{}/{test}-{}-{nanos:x}",
-        base.trim_end_matches('/'),
-        std::process::id()
-    )
-}
 
 /// The local directory of a `file://` URL.
 fn file_dir(url: &str) -> Option<PathBuf> {
@@ -108,12 +80,6 @@ async fn start(url: &str, env: &[(&str, &str)]) -> Cluster {
         opts = opts.env(*k, *v);
     }
     Cluster::start_with(1, opts).await
-}
-
-#[track_caller]
-fn ok_json(what: &str, o: Output) -> Value {
-    let out = ok(what, o);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{what}: stdout is not JSON ({e}): {out}"))
 }
 
 /// `granary admin tier ARGS --server ADDR --json`.
@@ -218,12 +184,6 @@ fn upload_with(addr: &str, src: &Path, dataset: &str, work: &Path, extra: &[&str
 // Trees
 // ---------------------------------------------------------------------------
 
-fn random_bytes(rng: &mut fastrand::Rng, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    rng.fill(&mut v);
-    v
-}
-
 /// About 5 MiB in nested directories: incompressible and repetitive files,
 /// an empty file, an empty directory, a few modes.
 fn make_tree(root: &Path, seed: u64) {
@@ -246,59 +206,12 @@ fn make_tree(root: &Path, seed: u64) {
     fs::set_permissions(root.join("a/one.bin"), fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Kind {
-    Dir,
-    File { size: u64, blake3: String },
-}
-
-/// Relative path -> (kind, mode & 0o7777) of everything below `root`.
-type Snapshot = BTreeMap<String, (Kind, u32)>;
-
-fn snapshot(root: &Path) -> Snapshot {
-    fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
-        for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
-            let p = e.unwrap().path();
-            let m = fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_string();
-            let kind = if m.is_dir() {
-                walk(root, &p, out);
-                Kind::Dir
-            } else {
-                assert!(m.is_file(), "unexpected file type at {}", p.display());
-                let mut h = blake3::Hasher::new();
-                std::io::copy(&mut fs::File::open(&p).unwrap(), &mut h)
-                    .unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
-                Kind::File {
-                    size: m.len(),
-                    blake3: h.finalize().to_hex().to_string(),
-                }
-            };
-            out.insert(rel, (kind, m.mode() & 0o7777));
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-#[track_caller]
-fn assert_same(what: &str, want: &Snapshot, got: &Snapshot) {
-    if want == got {
-        return;
-    }
-    let mut report = Vec::new();
-    for (k, w) in want {
-        match got.get(k) {
-            None => report.push(format!("missing {k}")),
-            Some(g) if g != w => report.push(format!("differs {k}: want {w:?}, got {g:?}")),
-            _ => {}
-        }
-    }
-    for k in got.keys().filter(|k| !want.contains_key(*k)) {
-        report.push(format!("extra {k}"));
-    }
-    panic!("{what}: trees differ:\n{}", report.join("\n"));
+/// [`make_tree`] with `seed` in `work/src`; returns its path and snapshot.
+fn source_tree(work: &Path, seed: u64) -> (PathBuf, Snapshot) {
+    let src = work.join("src");
+    make_tree(&src, seed);
+    let want = snapshot_without_mtimes(&src);
+    (src, want)
 }
 
 /// Downloads `version` into the fresh directory `dest` and compares it with `want`.
@@ -308,85 +221,29 @@ fn download_same(addr: &str, version: &str, dest: &Path, want: &Snapshot) {
         &format!("download {version}"),
         granary(&["download", version, s(dest), "--server", addr]),
     );
-    assert_same(&format!("download of {version}"), want, &snapshot(dest));
+    assert_same(
+        &format!("download of {version}"),
+        want,
+        &snapshot_without_mtimes(dest),
+    );
 }
 
 // ---------------------------------------------------------------------------
 // FUSE mounts
 // ---------------------------------------------------------------------------
 
-fn is_mounted(p: &Path) -> bool {
-    let want = fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.to_str().unwrap()))
-}
-
-/// A `granary mount`; lazily unmounted on drop, also when the test panics.
-struct Mount {
-    path: PathBuf,
-    cache: PathBuf,
-}
-
-impl Mount {
-    #[track_caller]
-    fn new(addr: &str, version: &str, path: &Path, cache: &Path) -> Self {
-        fs::create_dir_all(path).unwrap();
-        let o = granary(&[
-            "mount",
-            version,
-            s(path),
-            "--server",
-            addr,
-            "--cache-dir",
-            s(cache),
-        ]);
-        let m = Mount {
-            path: path.to_path_buf(),
-            cache: cache.to_path_buf(),
-        };
-        ok(&format!("mount {version}"), o);
-        assert!(
-            is_mounted(path),
-            "{} is not mounted after `granary mount`",
-            path.display()
-        );
-        m
-    }
-
-    #[track_caller]
-    fn umount(self) {
-        ok(
-            "umount",
-            granary(&["umount", s(&self.path), "--cache-dir", s(&self.cache)]),
-        );
-        assert!(!is_mounted(&self.path));
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if is_mounted(&self.path) {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(&self.path)
-                .status();
-            if is_mounted(&self.path) {
-                let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-            }
-        }
-    }
-}
-
 /// Mounts `version` with a fresh cache (so every byte comes from the
 /// servers), compares the whole tree with `want`, unmounts.
 #[track_caller]
 fn mount_same(addr: &str, version: &str, work: &Path, tag: &str, want: &Snapshot) {
     let mnt = work.join(format!("mnt-{tag}"));
-    let m = Mount::new(addr, version, &mnt, &work.join(format!("mount-cache-{tag}")));
-    assert_same(&format!("mount of {version} ({tag})"), want, &snapshot(&mnt));
-    m.umount();
+    let m = MountGuard::mount(addr, version, &mnt, &work.join(format!("mount-cache-{tag}")));
+    assert_same(
+        &format!("mount of {version} ({tag})"),
+        want,
+        &snapshot_without_mtimes(&mnt),
+    );
+    m.unmount();
 }
 
 fn workdir() -> tempfile::TempDir {
@@ -407,9 +264,7 @@ async fn move_to_object_and_back(url: &str) {
     let c = start(url, &[]).await;
     let addr = c.addr(1);
     let data = c.node(1).dir.clone();
-    let src = work.join("src");
-    make_tree(&src, 1);
-    let want = snapshot(&src);
+    let (src, want) = source_tree(work, 1);
     let up = upload(&addr, &src, "ds", work);
     let packs = n(&up, "packs");
     assert!(packs >= 4, "expected several 1 MiB packs: {up}");
@@ -484,16 +339,12 @@ async fn move_to_object_and_back(url: &str) {
     eprintln!("move_to_object_and_back({url}) took {:?}", started.elapsed());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn file_move_to_object_and_back() {
-    let objects = objects_dir();
-    move_to_object_and_back(&file_url(&objects)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_move_to_object_and_back() {
-    move_to_object_and_back(&s3_url("tiering-move")).await;
-}
+object_store_tests!(
+    move_to_object_and_back,
+    file_move_to_object_and_back,
+    s3_move_to_object_and_back,
+    "tiering-move"
+);
 
 // ---------------------------------------------------------------------------
 // 2. Shared packs stay with the hot version
@@ -513,10 +364,10 @@ async fn shared_packs_stay_on_ssd(url: &str) {
     // them once ds@2 replaces big.bin. Every other pack ds@2 uses too.
     let big = |seed| random_bytes(&mut fastrand::Rng::with_seed(seed), 4_000_000);
     fs::write(src.join("big.bin"), big(98)).unwrap();
-    let want1 = snapshot(&src);
+    let want1 = snapshot_without_mtimes(&src);
     upload_with(&addr, &src, "ds", work, &["--threads", "1"]);
     fs::write(src.join("big.bin"), big(99)).unwrap();
-    let want2 = snapshot(&src);
+    let want2 = snapshot_without_mtimes(&src);
     upload_with(&addr, &src, "ds", work, &["--threads", "1"]);
     let st = tier_status(&addr).unwrap();
     let total = n(&st["totals"], "ssd_packs");
@@ -566,16 +417,12 @@ async fn shared_packs_stay_on_ssd(url: &str) {
     eprintln!("shared_packs_stay_on_ssd({url}) took {:?}", started.elapsed());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn file_shared_packs_stay_on_ssd() {
-    let objects = objects_dir();
-    shared_packs_stay_on_ssd(&file_url(&objects)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_shared_packs_stay_on_ssd() {
-    shared_packs_stay_on_ssd(&s3_url("tiering-shared")).await;
-}
+object_store_tests!(
+    shared_packs_stay_on_ssd,
+    file_shared_packs_stay_on_ssd,
+    s3_shared_packs_stay_on_ssd,
+    "tiering-shared"
+);
 
 // ---------------------------------------------------------------------------
 // 3. kill -9 at every step of a move
@@ -652,7 +499,7 @@ async fn crash_at(url: &str, point: &str, src: &Path, want: &Snapshot, work: &Pa
     assert_same(
         &format!("download after a crash at {point}"),
         want,
-        &snapshot(&dest),
+        &snapshot_without_mtimes(&dest),
     );
 
     let d = ds_of(&st, "ds");
@@ -678,9 +525,7 @@ async fn killed_mover_finishes_after_restart(url: &str) {
     let started = Instant::now();
     let work = workdir();
     let work = work.path();
-    let src = work.join("src");
-    make_tree(&src, 3);
-    let want = snapshot(&src);
+    let (src, want) = source_tree(work, 3);
     for point in CRASH_POINTS {
         crash_at(&format!("{url}/{point}"), point, &src, &want, work).await;
     }
@@ -690,16 +535,12 @@ async fn killed_mover_finishes_after_restart(url: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn file_killed_mover_finishes_after_restart() {
-    let objects = objects_dir();
-    killed_mover_finishes_after_restart(&file_url(&objects)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_killed_mover_finishes_after_restart() {
-    killed_mover_finishes_after_restart(&s3_url("tiering-crash")).await;
-}
+object_store_tests!(
+    killed_mover_finishes_after_restart,
+    file_killed_mover_finishes_after_restart,
+    s3_killed_mover_finishes_after_restart,
+    "tiering-crash"
+);
 
 // ---------------------------------------------------------------------------
 // 4. Cold-after policies
@@ -712,9 +553,7 @@ async fn policy_moves_cold_data_and_back(url: &str) {
     let c = start(url, &[("GRANARY_POLICY_SECS", "1")]).await;
     let addr = c.addr(1);
     let data = c.node(1).dir.clone();
-    let src = work.join("src");
-    make_tree(&src, 4);
-    let want = snapshot(&src);
+    let (src, want) = source_tree(work, 4);
     upload(&addr, &src, "ds", work);
     ok(
         "policy set",
@@ -805,16 +644,12 @@ async fn policy_moves_cold_data_and_back(url: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn file_policy_moves_cold_data_and_back() {
-    let objects = objects_dir();
-    policy_moves_cold_data_and_back(&file_url(&objects)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_policy_moves_cold_data_and_back() {
-    policy_moves_cold_data_and_back(&s3_url("tiering-policy")).await;
-}
+object_store_tests!(
+    policy_moves_cold_data_and_back,
+    file_policy_moves_cold_data_and_back,
+    s3_policy_moves_cold_data_and_back,
+    "tiering-policy"
+);
 
 // ---------------------------------------------------------------------------
 // 5. Bad input
@@ -932,13 +767,9 @@ async fn bad_input_is_refused(url: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn file_bad_input_is_refused() {
-    let objects = objects_dir();
-    bad_input_is_refused(&file_url(&objects)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_bad_input_is_refused() {
-    bad_input_is_refused(&s3_url("tiering-bad-input")).await;
-}
+object_store_tests!(
+    bad_input_is_refused,
+    file_bad_input_is_refused,
+    s3_bad_input_is_refused,
+    "tiering-bad-input"
+);

@@ -35,8 +35,6 @@
 //! step as it runs; a failure prints every step of its case.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::Future;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -51,6 +49,11 @@ use granary_core::{ChunkId, ChunkerConfig, TreeId};
 use granary_server::object::ObjectTier;
 use granary_server::{Roles, ServerConfig, ServerError};
 use proptest::prelude::*;
+
+// free_port and poll_until, shared with the end-to-end tests' harness.
+#[path = "../../tests/common/std_helpers.rs"]
+mod std_helpers;
+use std_helpers::{free_port, poll_until};
 
 /// Cases when `PROPTEST_CASES` is not set (about 4 s each on 2 busy cores).
 const DEFAULT_CASES: u32 = 16;
@@ -360,54 +363,6 @@ fn disk_usage(dir: &Path) -> (u64, u64) {
     (bytes, files)
 }
 
-/// A loopback port nobody listens on, below the ephemeral range (so no
-/// outgoing connection takes it between this check and the server's bind).
-fn free_port() -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    if low >= 12_000 {
-        let (start, span) = (low - 10_000, 10_000 - 1);
-        let base = (std::process::id() * 7919 + 4099) % span;
-        let _ = NEXT.compare_exchange(0, base + 1, Ordering::SeqCst, Ordering::SeqCst);
-        for _ in 0..span {
-            let port = (start + NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
-            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
-            }
-        }
-    }
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Polls `check` until it returns `Ok`; an error naming `what` and the last
-/// reason after `timeout`.
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T, String>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let start = Instant::now();
-    loop {
-        let reason = match check().await {
-            Ok(v) => return Ok(v),
-            Err(reason) => reason,
-        };
-        if start.elapsed() >= timeout {
-            return Err(format!(
-                "timed out after {timeout:?} waiting for {what}; last: {reason}"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A server running in this process.
 struct Server {
     data: PathBuf,
@@ -453,7 +408,7 @@ impl Server {
         }));
         let client = Client::connect(std::slice::from_ref(&addr)).map_err(|e| e.to_string())?;
         let meta = client.meta().clone();
-        wait_for("the server to register its chunk role", TIMEOUT, || {
+        poll_until("the server to register its chunk role", TIMEOUT, || {
             let meta = meta.clone();
             async move {
                 let nodes = meta.list_nodes().await.map_err(|e| e.to_string())?;
@@ -851,7 +806,7 @@ impl Case {
                     COMPACT[compact],
                     Self::gc_summary(&report)
                 ));
-                wait_for("the tier mover's queue to drain", TIMEOUT, || async {
+                poll_until("the tier mover's queue to drain", TIMEOUT, || async {
                     let status = meta.tier_status().await.map_err(|e| e.to_string())?;
                     match status["queue"].as_array() {
                         Some(q) if q.is_empty() => Ok(()),
@@ -1033,7 +988,7 @@ impl Case {
         // Copies GC or the mover deleted go at once; anything else (a
         // leftover of an interrupted session) within the chunk server's
         // sweep period.
-        wait_for("disk usage to match the registered packs", TIMEOUT, || async {
+        poll_until("disk usage to match the registered packs", TIMEOUT, || async {
             let (bytes, files) = self.server.stored().await?;
             if bytes == registered && files == packs.len() as u64 {
                 Ok(())
@@ -1127,7 +1082,7 @@ impl Case {
                 ));
             }
         }
-        wait_for("every pack file and object to be deleted", TIMEOUT, || async {
+        poll_until("every pack file and object to be deleted", TIMEOUT, || async {
             match self.server.stored().await? {
                 (0, 0) => Ok(()),
                 (bytes, files) => Err(format!("{files} files of {bytes} bytes left")),

@@ -11,15 +11,19 @@
 
 #![allow(dead_code)]
 
+mod std_helpers;
+pub use std_helpers::{free_port, poll_until};
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::OpenOptions;
 use std::future::Future;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 
 use granary_client::{proto, ClientError, MetaClient};
 use granary_core::{Tree, TreeId};
@@ -27,40 +31,6 @@ pub use granary_raft::NodeStatus;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_granary");
-
-/// How often the polling helpers look again.
-const POLL: Duration = Duration::from_millis(150);
-
-/// A loopback port nobody listens on.
-///
-/// Ports come from below the kernel's ephemeral range, handed out by a
-/// process-wide counter and checked by binding them: an outgoing connection
-/// never takes them as its source port, so a node that is killed and restarted
-/// can bind its address again, and two tests never pick the same port.
-pub fn free_port() -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    if low >= 12_000 {
-        let (start, span) = (low - 10_000, 10_000 - 1);
-        let base = std::process::id() * 211 % span;
-        let _ = NEXT.compare_exchange(0, base + 1, Ordering::SeqCst, Ordering::SeqCst);
-        for _ in 0..span {
-            let port = (start + NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
-            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
-            }
-        }
-    }
-    // Fallback: let the kernel choose, and release it.
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One `granary server` process and its fixed address and data directory.
 pub struct Node {
@@ -465,22 +435,14 @@ fn leaders(all: &[NodeStatus]) -> Vec<(u64, Option<u64>, String)> {
 
 /// Polls `check` until it returns `Ok`, and returns that value; panics after
 /// `timeout` with `what` and the last reason `check` gave.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
 {
-    let start = Instant::now();
-    loop {
-        let reason = match check().await {
-            Ok(v) => return v,
-            Err(reason) => reason,
-        };
-        if start.elapsed() >= timeout {
-            panic!("timed out after {timeout:?} waiting for {what}; last: {reason}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    poll_until(what, timeout, check)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// An empty tree object and its id: a valid root for a version.
@@ -570,4 +532,336 @@ pub fn ok(what: &str, o: Output) -> String {
         text(&o.stderr)
     );
     text(&o.stdout)
+}
+
+/// Asserts success and parses stdout as JSON.
+#[track_caller]
+pub fn ok_json(what: &str, o: Output) -> serde_json::Value {
+    let out = ok(what, o);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{what}: stdout is not JSON ({e}): {out}"))
+}
+
+/// `len` random (incompressible) bytes.
+pub fn random_bytes(rng: &mut fastrand::Rng, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v);
+    v
+}
+
+// ---------------------------------------------------------------------------
+// Object stores
+// ---------------------------------------------------------------------------
+
+/// A fresh directory for a `file://` object tier (removed on drop).
+pub fn objects_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("granary-objects-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// The `file://` URL of a directory from [`objects_dir`].
+pub fn file_url(dir: &tempfile::TempDir) -> String {
+    format!("file://{}", dir.path().display())
+}
+
+/// `$GRANARY_TEST_S3_URL/<test>-<unique>`: a prefix no other test (or earlier
+/// run) uses. Panics (the test fails, it does not skip) when the variable is unset.
+pub fn s3_url(test: &str) -> String {
+    let base = std::env::var("GRANARY_TEST_S3_URL").unwrap_or_else(|_| {
+        panic!("GRANARY_TEST_S3_URL is not set; run the suite with ./scripts/test, which starts an S3 server")
+    });
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{}/{test}-{}-{nanos:x}",
+        base.trim_end_matches('/'),
+        std::process::id()
+    )
+}
+
+/// Two tests of one check `async fn CHECK(url: &str)`: `FILE_TEST` runs it
+/// against a fresh `file://` directory ([`objects_dir`]), `S3_TEST` against a
+/// fresh prefix `PREFIX-...` of `$GRANARY_TEST_S3_URL` ([`s3_url`]).
+///
+/// `object_store_tests!(CHECK, FILE_TEST, S3_TEST, "PREFIX");` (the test
+/// crate declares `#[macro_use] mod common;`).
+#[allow(unused_macros)]
+macro_rules! object_store_tests {
+    ($check:ident, $file_test:ident, $s3_test:ident, $prefix:literal) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $file_test() {
+            let objects = crate::common::objects_dir();
+            $check(&crate::common::file_url(&objects)).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $s3_test() {
+            $check(&crate::common::s3_url($prefix)).await;
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// FUSE mounts
+// ---------------------------------------------------------------------------
+
+/// Whether `p` is a mountpoint now.
+pub fn is_mounted(p: &Path) -> bool {
+    let want = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.to_str().unwrap()))
+}
+
+/// A `granary mount`; unmounts (lazily, so a panicking test's open files do
+/// not block it) on drop, also when the test panics.
+pub struct MountGuard {
+    pub path: PathBuf,
+    pub cache: PathBuf,
+}
+
+impl MountGuard {
+    /// `granary mount VERSION PATH --cache-dir CACHE --server ADDR`; asserts success.
+    #[track_caller]
+    pub fn mount(addr: &str, version: &str, path: &Path, cache: &Path) -> Self {
+        Self::mount_with(addr, version, path, cache, &[])
+    }
+
+    /// As [`MountGuard::mount`], with `extra` flags appended.
+    #[track_caller]
+    pub fn mount_with(addr: &str, version: &str, path: &Path, cache: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let started = Instant::now();
+        let mut args = vec![
+            "mount",
+            version,
+            s(path),
+            "--server",
+            addr,
+            "--cache-dir",
+            s(cache),
+        ];
+        args.extend_from_slice(extra);
+        let o = granary(&args);
+        let g = MountGuard {
+            path: path.to_path_buf(),
+            cache: cache.to_path_buf(),
+        };
+        ok(&format!("mount {version}"), o);
+        eprintln!("mount {version} took {:?}", started.elapsed());
+        assert!(
+            is_mounted(path),
+            "{} is not mounted after `granary mount`",
+            path.display()
+        );
+        g
+    }
+
+    /// The mount's counters (`granary cache-stats --json`).
+    #[track_caller]
+    pub fn stats(&self) -> serde_json::Value {
+        ok_json(
+            "cache-stats",
+            granary(&[
+                "cache-stats",
+                s(&self.path),
+                "--cache-dir",
+                s(&self.cache),
+                "--json",
+            ]),
+        )
+    }
+
+    /// `granary umount`; asserts success and that the path is no longer a mountpoint.
+    #[track_caller]
+    pub fn unmount(self) {
+        ok(
+            "umount",
+            granary(&["umount", s(&self.path), "--cache-dir", s(&self.cache)]),
+        );
+        assert!(!is_mounted(&self.path));
+    }
+
+    /// [`unmount`](Self::unmount), which waits for the mount process to
+    /// write its final counters and exit; asserts it is gone and returns
+    /// those counters.
+    #[track_caller]
+    pub fn umount(self) -> serde_json::Value {
+        let pid = self.stats()["pid"].as_u64().unwrap();
+        let (path, cache) = (self.path.clone(), self.cache.clone());
+        self.unmount();
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "mount process {pid} still runs after umount"
+        );
+        let v = MountGuard { path, cache }.stats();
+        assert_eq!(v["mounted"], false);
+        v["stats"].clone()
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if is_mounted(&self.path) {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.path)
+                .status();
+            if is_mounted(&self.path) {
+                let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+            }
+        }
+    }
+}
+
+/// Reads up to `len` bytes at `off` of `path` (through a mount), then drops
+/// the file's pages from the kernel page cache, so the next read of the same
+/// range goes to the mount process again.
+pub fn read_uncached(path: &Path, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; len];
+    let mut n = 0;
+    while n < len {
+        let got = f.read_at(&mut buf[n..], off + n as u64)?;
+        if got == 0 {
+            break;
+        }
+        n += got;
+    }
+    buf.truncate(n);
+    // SAFETY: fadvise on our own open descriptor.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    Ok(buf)
+}
+
+// ---------------------------------------------------------------------------
+// Trees on disk: snapshots and comparing them
+// ---------------------------------------------------------------------------
+
+/// What a snapshot records of one entry's contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    File {
+        size: u64,
+        blake3: String,
+    },
+    Dir,
+    /// The link's target.
+    Symlink(Vec<u8>),
+}
+
+/// One entry of a [`Snapshot`]. Symlinks carry only their target (mode and mtime 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: Kind,
+    /// `mode & 0o7777`.
+    pub mode: u32,
+    /// (seconds, nanoseconds); (0, 0) in a [`snapshot_without_mtimes`].
+    pub mtime: (i64, i64),
+}
+
+/// Relative path bytes -> entry, of everything below a root (the root itself excluded).
+pub type Snapshot = BTreeMap<Vec<u8>, Entry>;
+
+/// BLAKE3 (hex) of the file at `p`.
+pub fn blake3_file(p: &Path) -> String {
+    let mut h = blake3::Hasher::new();
+    let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    std::io::copy(&mut f, &mut h).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    h.finalize().to_hex().to_string()
+}
+
+/// Every entry below `root` by a recursive walk (not following symlinks):
+/// kind, size and BLAKE3 of files, symlink targets, modes and mtimes.
+pub fn snapshot(root: &Path) -> Snapshot {
+    snapshot_of(root, true)
+}
+
+/// [`snapshot`] without mtimes (all (0, 0)): what a mount or a download
+/// must reproduce when times are not the point.
+pub fn snapshot_without_mtimes(root: &Path) -> Snapshot {
+    snapshot_of(root, false)
+}
+
+fn snapshot_of(root: &Path, mtimes: bool) -> Snapshot {
+    fn walk(root: &Path, dir: &Path, mtimes: bool, out: &mut Snapshot) {
+        for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+            let ft = m.file_type();
+            let entry = if ft.is_symlink() {
+                Entry {
+                    kind: Kind::Symlink(std::fs::read_link(&p).unwrap().into_os_string().into_vec()),
+                    mode: 0,
+                    mtime: (0, 0),
+                }
+            } else {
+                let kind = if ft.is_dir() {
+                    walk(root, &p, mtimes, out);
+                    Kind::Dir
+                } else {
+                    assert!(ft.is_file(), "unexpected file type at {}", p.display());
+                    Kind::File {
+                        size: m.len(),
+                        blake3: blake3_file(&p),
+                    }
+                };
+                Entry {
+                    kind,
+                    mode: m.mode() & 0o7777,
+                    mtime: if mtimes {
+                        (m.mtime(), m.mtime_nsec())
+                    } else {
+                        (0, 0)
+                    },
+                }
+            };
+            out.insert(rel, entry);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, mtimes, &mut out);
+    out
+}
+
+/// Total size of the regular files in a snapshot.
+pub fn file_bytes(snap: &Snapshot) -> u64 {
+    snap.values()
+        .map(|e| match e.kind {
+            Kind::File { size, .. } => size,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Asserts two snapshots are identical, naming every differing path.
+#[track_caller]
+pub fn assert_same(what: &str, want: &Snapshot, got: &Snapshot) {
+    if want == got {
+        return;
+    }
+    let mut report = Vec::new();
+    for (k, w) in want {
+        match got.get(k) {
+            None => report.push(format!("missing {:?}: {w:?}", text(k))),
+            Some(g) if g != w => report.push(format!("differs {:?}:\n   want {w:?}\n   got  {g:?}", text(k))),
+            _ => {}
+        }
+    }
+    for (k, g) in got {
+        if !want.contains_key(k) {
+            report.push(format!("extra {:?}: {g:?}", text(k)));
+        }
+    }
+    panic!(
+        "{what}: trees differ in {} entries:\n{}",
+        report.len(),
+        report.join("\n")
+    );
 }
