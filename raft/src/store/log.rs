@@ -30,13 +30,21 @@ pub struct LogStore {
 }
 
 /// Syncs the WAL for every waiting append at once, then completes their callbacks.
-fn run_syncer(db: Arc<DB>, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+///
+/// It holds the database weakly: the thread may outlive the stores (it ends
+/// only when every sender is gone), and the database must close when its
+/// owners drop it, not whenever this thread happens to finish — RocksDB
+/// closing while the process exits aborts it.
+fn run_syncer(db: std::sync::Weak<DB>, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         waiting.extend(rx.try_iter());
-        let result = db.flush_wal(true);
+        let result = match db.upgrade() {
+            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
+            None => Err("the log database is closed".to_string()),
+        };
         for cb in waiting {
-            cb.log_io_completed(result.clone().map_err(|e| std::io::Error::other(e.to_string())));
+            cb.log_io_completed(result.clone().map_err(std::io::Error::other));
         }
     }
 }
@@ -66,7 +74,7 @@ fn synced() -> WriteOptions {
 impl LogStore {
     pub(crate) fn new(db: Arc<DB>) -> Self {
         let (syncer, rx) = std::sync::mpsc::channel();
-        let sync_db = db.clone();
+        let sync_db = Arc::downgrade(&db);
         std::thread::Builder::new()
             .name("granary-log-sync".into())
             .spawn(move || run_syncer(sync_db, rx))
