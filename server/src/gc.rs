@@ -56,12 +56,7 @@ static GC_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// How long new data is safe from GC: `GRANARY_GC_GRACE_SECS`, default 1 hour.
 pub fn default_grace() -> Duration {
-    Duration::from_secs(
-        std::env::var("GRANARY_GC_GRACE_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3600),
-    )
+    crate::settings::env_secs("GRANARY_GC_GRACE_SECS", 3600)
 }
 
 #[derive(Debug, Clone)]
@@ -167,9 +162,10 @@ fn mark(cluster: &Cluster, now: u64, grace_ms: u64) -> Result<Plan, String> {
     }
     for item in snap.iterator_cf(cf(CF_TREE_LOG), rocksdb::IteratorMode::Start) {
         let (k, v) = item.map_err(e)?;
-        let added = u64::from_be_bytes(v.as_ref().try_into().unwrap_or_default());
-        if k.len() == 40 && added.saturating_add(grace_ms) > now {
-            roots.push(TreeId::from_slice(&k[8..]).expect("32 bytes"));
+        if let Some((_, tree, added)) = tree_log_entry(&k, &v) {
+            if added.saturating_add(grace_ms) > now {
+                roots.push(tree);
+            }
         }
     }
     let mut live = Reach::default();
@@ -195,7 +191,7 @@ fn mark(cluster: &Cluster, now: u64, grace_ms: u64) -> Result<Plan, String> {
             plan.live_chunks += 1;
             live_in_pack.insert(rec.pack);
         } else {
-            plan.dead_bytes += rec.stored_len as u64 + granary_core::frame::FRAME_HEADER_LEN as u64;
+            plan.dead_bytes += rec.frame_len();
             plan.dead_chunks.entry(rec.pack).or_default().push(*id.as_bytes());
         }
     }
@@ -377,10 +373,7 @@ fn compaction_candidates(
         {
             continue;
         }
-        let live_bytes: u64 = chunks
-            .iter()
-            .map(|(_, c)| c.stored_len as u64 + granary_core::frame::FRAME_HEADER_LEN as u64)
-            .sum();
+        let live_bytes: u64 = chunks.iter().map(|(_, c)| c.frame_len()).sum();
         let share = live_bytes as f64 / pack.bytes as f64;
         if share < opts.compact_below {
             chunks.sort_by_key(|(_, c)| c.offset);
@@ -403,19 +396,18 @@ async fn read_frames(
     pack: &PackRecord,
     chunks: &[(ChunkId, ChunkRecord)],
 ) -> Result<Vec<u8>, Status> {
-    let frame_len = |c: &ChunkRecord| c.stored_len as u64 + granary_core::frame::FRAME_HEADER_LEN as u64;
     let mut data = Vec::new();
     let mut start = 0;
     while start < chunks.len() {
         let mut end = start;
         let mut size = 0;
-        while end < chunks.len() && (end == start || size + frame_len(&chunks[end].1) <= READ_PIECE) {
-            size += frame_len(&chunks[end].1);
+        while end < chunks.len() && (end == start || size + chunks[end].1.frame_len() <= READ_PIECE) {
+            size += chunks[end].1.frame_len();
             end += 1;
         }
         let ranges: Vec<(u64, u32)> = chunks[start..end]
             .iter()
-            .map(|(_, c)| (c.offset, frame_len(c) as u32))
+            .map(|(_, c)| (c.offset, c.frame_len() as u32))
             .collect();
         data.extend(read_ranges(cluster, id, pack, &ranges).await?);
         start = end;
@@ -424,7 +416,7 @@ async fn read_frames(
     let mut pos = 0;
     let mut raw = Vec::new();
     for (cid, c) in chunks {
-        let len = frame_len(c) as usize;
+        let len = c.frame_len() as usize;
         raw.clear();
         decode_frame_into(&data[pos..pos + len], Some(cid), &mut raw).map_err(|e| {
             Status::data_loss(format!(
@@ -506,7 +498,7 @@ async fn compact(cluster: &Cluster, c: Candidate) -> Result<serde_json::Value, S
                 ..*rec
             },
         ));
-        offset += rec.stored_len as u64 + granary_core::frame::FRAME_HEADER_LEN as u64;
+        offset += rec.frame_len();
     }
     let new_pack = if !pack.replicas.is_empty() {
         compact_to_ssd(cluster, new_id, &frames, live.len() as u64).await?

@@ -11,6 +11,7 @@
 //! | [`tier`] | tiering: `tier move` planning, the leader's mover, cold-after policies |
 //! | [`gc`] | garbage collection: mark, sweep, pack compaction |
 //! | [`repair`] | re-replication of lost replicas, `admin scrub` across chunk servers and the object tier |
+//! | [`settings`] | server settings read from the environment (`GRANARY_*_SECS`) |
 //! | [`fault`] | crash points for tests (`GRANARY_FAULT`) |
 //! | [`run`] | starting a node: data directory, listener, Raft bootstrap or join, serving, clean shutdown |
 
@@ -22,6 +23,7 @@ pub mod meta;
 pub mod object;
 pub mod repair;
 pub mod run;
+pub mod settings;
 pub mod tier;
 
 pub use run::{run, Roles, ServerConfig, ServerError};

@@ -23,24 +23,16 @@ use crate::chunk::store::verify_pack;
 use crate::cluster::{id_of, internal, now_ms, Cluster, CHUNK_SERVER_TIMEOUT_MS};
 use crate::meta::command::MetaCommand;
 use crate::meta::state::{PackRecord, CF_MOVES, CF_PACKS};
-
-fn secs_from_env(name: &str, default: u64) -> Duration {
-    Duration::from_secs(
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default),
-    )
-}
+use crate::settings::env_secs;
 
 /// How long a chunk server may be silent before its replicas are replaced.
 pub fn dead_after() -> Duration {
-    secs_from_env("GRANARY_NODE_DEAD_SECS", 600)
+    env_secs("GRANARY_NODE_DEAD_SECS", 600)
 }
 
 /// Runs the repair loop until the task is aborted.
 pub async fn run(cluster: Cluster) {
-    let every = secs_from_env("GRANARY_REPAIR_SECS", 10);
+    let every = env_secs("GRANARY_REPAIR_SECS", 10);
     loop {
         tokio::time::sleep(every).await;
         if !cluster.is_leader() {

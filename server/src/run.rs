@@ -357,12 +357,9 @@ async fn report_reads(node: RaftNode<MetaApp>, chunks: ChunkService) {
 /// The slow background scrubber: verifies (and repairs) every local pack
 /// once a day (`GRANARY_SCRUB_SECS`).
 async fn scrub_loop(chunks: ChunkService) {
-    let every = std::env::var("GRANARY_SCRUB_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(86_400);
+    let every = crate::settings::env_secs("GRANARY_SCRUB_SECS", 86_400);
     loop {
-        tokio::time::sleep(Duration::from_secs(every)).await;
+        tokio::time::sleep(every).await;
         let report = chunks.scrub(true).await;
         tracing::info!(%report, "background scrub finished");
     }

@@ -269,11 +269,7 @@ pub fn verify_pack(path: &Path, id: u64) -> Result<u64, String> {
 /// How long a sealed pack may stay unregistered before the sweep removes it.
 /// `GRANARY_PACK_GRACE_SECS` overrides the default of 10 minutes (tests use seconds).
 pub fn unregistered_grace() -> std::time::Duration {
-    let secs = std::env::var("GRANARY_PACK_GRACE_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(600);
-    std::time::Duration::from_secs(secs)
+    crate::settings::env_secs("GRANARY_PACK_GRACE_SECS", 600)
 }
 
 /// Removes sealed packs older than `grace` that meta does not list for this

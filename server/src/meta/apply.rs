@@ -14,6 +14,7 @@ use rocksdb::{WriteBatch, DB};
 
 use super::command::{dataset_not_found, version_not_found, MetaCommand, MetaError, MetaReply, MetaResult};
 use super::state::*;
+use super::walk::Reach;
 
 /// The metadata model as a Raft application.
 #[derive(Debug, Default, Clone, Copy)]
@@ -209,21 +210,7 @@ impl Applier<'_, '_> {
                 Ok(MetaReply::Unit)
             }
             MetaCommand::AllocatePack => {
-                let next = match self
-                    .r
-                    .db
-                    .get_cf(self.r.cf(CF_COUNTERS), COUNTER_PACK_ID)
-                    .map_err(|e| internal(e.to_string()))?
-                {
-                    Some(v) => {
-                        u64::from_be_bytes(
-                            v.as_slice()
-                                .try_into()
-                                .map_err(|_| internal("bad counter".into()))?,
-                        ) + 1
-                    }
-                    None => 1,
-                };
+                let next = self.r.counter(COUNTER_PACK_ID).map_err(internal)? + 1;
                 self.batch
                     .put_cf(self.r.cf(CF_COUNTERS), COUNTER_PACK_ID, next.to_be_bytes());
                 Ok(MetaReply::PackId(next))
@@ -340,7 +327,7 @@ impl Applier<'_, '_> {
                     if !self.r.exists(CF_PACKS, &key).map_err(internal)? {
                         continue;
                     }
-                    let old = self.read_u64(CF_ACCESS, &key)?;
+                    let old = self.r.u64_at(CF_ACCESS, &key).map_err(internal)?;
                     if ms > old {
                         self.batch.put_cf(self.r.cf(CF_ACCESS), key, ms.to_be_bytes());
                     }
@@ -415,24 +402,6 @@ impl Applier<'_, '_> {
             .ok_or_else(|| MetaError::NotFound(format!("pack {id} is not registered")))
     }
 
-    fn read_u64(&self, cf: &str, key: &[u8]) -> Result<u64, MetaError> {
-        Ok(
-            match self
-                .r
-                .db
-                .get_cf(self.r.cf(cf), key)
-                .map_err(|e| internal(e.to_string()))?
-            {
-                Some(v) => u64::from_be_bytes(
-                    v.as_slice()
-                        .try_into()
-                        .map_err(|_| internal(format!("damaged u64 in {cf}")))?,
-                ),
-                None => 0,
-            },
-        )
-    }
-
     /// Appends `id` to the tree log as entry `seq` (which must be the next one).
     fn log_tree(&mut self, id: &TreeId, seq: u64, now_ms: u64) {
         let mut key = seq.to_be_bytes().to_vec();
@@ -462,43 +431,31 @@ impl Applier<'_, '_> {
         packs: Vec<u64>,
     ) -> MetaResult {
         // Trees stored after the mark, and everything they reach, stay.
-        let mut protected_trees: HashSet<TreeId> = HashSet::new();
-        let mut protected_chunks: HashSet<ChunkId> = HashSet::new();
-        let mut stack: Vec<TreeId> = Vec::new();
+        let mut after_mark: Vec<TreeId> = Vec::new();
         let log = self.r.cf(CF_TREE_LOG);
-        let start = (mark_seq + 1).to_be_bytes();
         let mut prune = Vec::new();
         for item in self.r.db.iterator_cf(log, rocksdb::IteratorMode::Start) {
             let (k, v) = item.map_err(|e| internal(e.to_string()))?;
-            if k.len() != 40 {
-                continue;
-            }
-            if k[..8] >= start[..] {
-                stack.push(TreeId::from_slice(&k[8..]).expect("32 bytes"));
-            } else {
-                let added = u64::from_be_bytes(v.as_ref().try_into().unwrap_or_default());
-                if added.saturating_add(grace_ms) < now_ms {
-                    prune.push(k.to_vec());
-                }
-            }
-        }
-        while let Some(t) = stack.pop() {
-            if !protected_trees.insert(t) {
-                continue;
-            }
-            let Some(data) = self
-                .r
-                .db
-                .get_pinned_cf(self.r.cf(CF_TREES), t.as_bytes())
-                .map_err(|e| internal(e.to_string()))?
-            else {
+            let Some((seq, tree, added)) = tree_log_entry(&k, &v) else {
                 continue;
             };
-            let object = decode_object(&data).map_err(|e| internal(format!("tree {t}: {e}")))?;
-            let (subtrees, cs) = object.references();
-            stack.extend(subtrees);
-            protected_chunks.extend(cs);
+            if seq > mark_seq {
+                after_mark.push(tree);
+            } else if added.saturating_add(grace_ms) < now_ms {
+                prune.push(k.to_vec());
+            }
         }
+        let mut protected = Reach::default();
+        let trees_cf = self.r.cf(CF_TREES);
+        protected
+            .add_stored(after_mark, |t| {
+                self.r
+                    .db
+                    .get_cf(trees_cf, t.as_bytes())
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(internal)?;
+        let (protected_trees, protected_chunks) = (protected.trees, protected.chunks);
         for k in prune {
             self.batch.delete_cf(log, k);
         }

@@ -23,6 +23,7 @@
 //! a record with another version is an error, never misread, so a later
 //! release can migrate them.
 
+use granary_core::TreeId;
 use rocksdb::DB;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -107,6 +108,13 @@ pub struct ChunkRecord {
     pub raw_len: u32,
 }
 
+impl ChunkRecord {
+    /// Length of the chunk's whole frame in its pack (header + stored bytes).
+    pub fn frame_len(&self) -> u64 {
+        granary_core::frame::FRAME_HEADER_LEN as u64 + self.stored_len as u64
+    }
+}
+
 /// A sealed pack and where its copies are. Invariant (checked by `apply`):
 /// a pack always has an SSD replica or an object copy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +197,17 @@ pub fn split_version_key(key: &[u8]) -> Option<(String, u64)> {
     let (name, rest) = key.split_at(key.len() - 9);
     let n = u64::from_be_bytes(rest[1..].try_into().ok()?);
     Some((String::from_utf8(name.to_vec()).ok()?, n))
+}
+
+/// A `tree_log` entry: (sequence, tree id, time added in ms); `None` for a
+/// malformed key.
+pub fn tree_log_entry(key: &[u8], value: &[u8]) -> Option<(u64, TreeId, u64)> {
+    if key.len() != 40 {
+        return None;
+    }
+    let seq = u64::from_be_bytes(key[..8].try_into().ok()?);
+    let added = u64::from_be_bytes(value.try_into().unwrap_or_default());
+    Some((seq, TreeId::from_slice(&key[8..])?, added))
 }
 
 /// Key of version `number` of `dataset`.
@@ -280,15 +299,16 @@ impl<'a> Reader<'a> {
 
     /// A u64 counter (0 when never set).
     pub fn counter(&self, name: &[u8]) -> Result<u64, String> {
-        match self
-            .db
-            .get_cf(self.cf(CF_COUNTERS), name)
-            .map_err(|e| e.to_string())?
-        {
+        self.u64_at(CF_COUNTERS, name)
+    }
+
+    /// A big-endian u64 value (counters, pack read times); 0 when absent.
+    pub fn u64_at(&self, cf: &str, key: &[u8]) -> Result<u64, String> {
+        match self.db.get_cf(self.cf(cf), key).map_err(|e| e.to_string())? {
             Some(v) => Ok(u64::from_be_bytes(
                 v.as_slice()
                     .try_into()
-                    .map_err(|_| "damaged counter".to_string())?,
+                    .map_err(|_| format!("damaged u64 in {cf}"))?,
             )),
             None => Ok(0),
         }

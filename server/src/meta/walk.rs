@@ -26,12 +26,35 @@ impl Reach {
         roots: impl IntoIterator<Item = TreeId>,
         get: impl Fn(&TreeId) -> Result<Option<Vec<u8>>, String>,
     ) -> Result<(), String> {
+        self.walk(roots, get, false)
+    }
+
+    /// Like [`add`](Self::add), but a tree that is not stored is skipped
+    /// (for a GC sweep's protection, which only keeps what exists).
+    pub fn add_stored(
+        &mut self,
+        roots: impl IntoIterator<Item = TreeId>,
+        get: impl Fn(&TreeId) -> Result<Option<Vec<u8>>, String>,
+    ) -> Result<(), String> {
+        self.walk(roots, get, true)
+    }
+
+    fn walk(
+        &mut self,
+        roots: impl IntoIterator<Item = TreeId>,
+        get: impl Fn(&TreeId) -> Result<Option<Vec<u8>>, String>,
+        skip_missing: bool,
+    ) -> Result<(), String> {
         let mut stack: Vec<TreeId> = roots.into_iter().collect();
         while let Some(id) = stack.pop() {
             if self.trees.contains(&id) {
                 continue;
             }
-            let data = get(&id)?.ok_or_else(|| format!("tree {id} is referenced but not stored"))?;
+            let data = match get(&id)? {
+                Some(data) => data,
+                None if skip_missing => continue,
+                None => return Err(format!("tree {id} is referenced but not stored")),
+            };
             let object = decode_object(&data).map_err(|e| format!("tree {id} is damaged: {e}"))?;
             let (trees, chunks) = object.references();
             self.trees.insert(id);

@@ -21,12 +21,7 @@ use crate::cluster::{now_ms, Cluster};
 use crate::meta::state::*;
 
 fn interval() -> Duration {
-    Duration::from_secs(
-        std::env::var("GRANARY_POLICY_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(60),
-    )
+    crate::settings::env_secs("GRANARY_POLICY_SECS", 60)
 }
 
 /// Runs the policy scan until the task is aborted.
@@ -63,12 +58,7 @@ pub async fn scan(cluster: &Cluster) -> Result<(), String> {
         let reached = reach(&r, [TreeId::from_bytes(v.root)])?;
         let mut last = v.created_ms;
         for pack in packs_of(&r, &reached.chunks)?.keys() {
-            if let Some(b) =
-                r.db.get_cf(r.cf(CF_ACCESS), pack.to_be_bytes())
-                    .map_err(|e| e.to_string())?
-            {
-                last = last.max(u64::from_be_bytes(b.as_slice().try_into().unwrap_or_default()));
-            }
+            last = last.max(r.u64_at(CF_ACCESS, &pack.to_be_bytes())?);
         }
         let pin: Option<PinRecord> = r.get(CF_PINS, &version_key(&dataset, number))?;
         let cold = now.saturating_sub(last) >= cold_ms;
