@@ -25,7 +25,7 @@ use tokio::time::{timeout, Instant};
 
 use crate::network::{Channels, NetworkFactory};
 use crate::proto::{Empty, JoinRequest, RemoveRequest};
-use crate::store::{self, App, StateMachineStore};
+use crate::store::{self, App, LogStore, StateMachineStore};
 use crate::{Command, NodeId, Raft};
 
 /// How a node runs.
@@ -127,6 +127,8 @@ struct Inner<A: App> {
     id: NodeId,
     addr: String,
     raft: Raft,
+    /// The log store, for [`LogStore::sync`].
+    log: LogStore,
     sm: StateMachineStore<A>,
     channels: Channels,
     write_timeout: Duration,
@@ -148,7 +150,7 @@ impl<A: App> RaftNode<A> {
             channels: channels.clone(),
         };
         let config = Arc::new(cfg.raft.validate().map_err(fatal)?);
-        let raft = Raft::new(cfg.id, config, network, log, sm.clone())
+        let raft = Raft::new(cfg.id, config, network, log.clone(), sm.clone())
             .await
             .map_err(fatal)?;
         Ok(Self {
@@ -156,6 +158,7 @@ impl<A: App> RaftNode<A> {
                 id: cfg.id,
                 addr: cfg.addr,
                 raft,
+                log,
                 sm,
                 channels,
                 write_timeout: cfg.write_timeout,
@@ -266,7 +269,16 @@ impl<A: App> RaftNode<A> {
             Err(_) => Err(RaftNodeError::NoQuorum(format!(
                 "the write was not committed within {t:?}"
             ))),
-            Ok(Ok(resp)) => Ok(resp.data.0),
+            Ok(Ok(resp)) => {
+                // The state machine does not sync its writes: make them durable
+                // before anyone is told (one fsync shared by every waiting writer).
+                self.inner
+                    .log
+                    .sync()
+                    .await
+                    .map_err(|e| RaftNodeError::Storage(format!("syncing the applied write: {e}")))?;
+                Ok(resp.data.0)
+            }
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                 Err(RaftNodeError::NotLeader { leader: f.leader_id })
             }

@@ -11,10 +11,15 @@
 //! Durability: a vote is written with `sync` before `save_vote` returns.
 //! Appended entries are written at once (readable immediately) and reported
 //! durable only after a WAL sync; a syncer thread syncs once for every append
-//! waiting (group commit), so one fsync covers many entries under load. Each applied entry is one `WriteBatch`
-//! holding the application's writes plus `last_applied` (and the membership
-//! when it changes); the batches of one `apply` call are written in order,
-//! then one WAL sync makes them all durable before any client is answered. Snapshot installation is crash-safe: see [`snapshot`].
+//! waiting (group commit), so one fsync covers many entries under load.
+//! Each applied entry is one `WriteBatch` holding the application's writes
+//! plus `last_applied` (and the membership when it changes), written without
+//! a sync. A write's client is answered
+//! only after the syncer's next WAL sync (shared with log appends) has made
+//! its applied effects durable; an applied batch a crash loses is applied again
+//! from the log, which was durable first, and the log is purged only by a
+//! synced write, after every state-machine write before it.
+//! Snapshot installation is crash-safe: see [`snapshot`].
 //!
 //! RocksDB calls that write or scan run on tokio's blocking pool, never on the
 //! async workers.

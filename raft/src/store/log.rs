@@ -19,23 +19,35 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 ///
 /// Appends use group commit: `append` writes the entries without `sync`
 /// (so they are readable at once, as openraft requires) and hands the
-/// durability callback to a syncer thread. The syncer collects every callback
+/// durability callback to a syncer thread. The syncer collects every request
 /// that is waiting, syncs the WAL once (`flush_wal(true)`), and reports all of
 /// them durable. While one fsync runs, the next entries queue up behind it, so
 /// under load one fsync covers many entries instead of one each.
+///
+/// The same syncer serves [`LogStore::sync`]: the state machine's writes go to
+/// the same WAL, so a write waits there for its applied effects to be durable
+/// before its client is answered, sharing the fsync with the log's appends.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    syncer: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    syncer: std::sync::mpsc::Sender<SyncRequest>,
 }
 
-/// Syncs the WAL for every waiting append at once, then completes their callbacks.
+/// Something waiting for the WAL to be synced.
+enum SyncRequest {
+    /// Entries openraft appended.
+    Append(LogFlushed<TypeConfig>),
+    /// Everything written before the request (see [`LogStore::sync`]).
+    Barrier(tokio::sync::oneshot::Sender<Result<(), String>>),
+}
+
+/// Syncs the WAL for every waiting request at once, then completes them.
 ///
 /// It holds the database weakly: the thread may outlive the stores (it ends
 /// only when every sender is gone), and the database must close when its
 /// owners drop it, not whenever this thread happens to finish — RocksDB
 /// closing while the process exits aborts it.
-fn run_syncer(db: std::sync::Weak<DB>, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn run_syncer(db: std::sync::Weak<DB>, rx: std::sync::mpsc::Receiver<SyncRequest>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         waiting.extend(rx.try_iter());
@@ -43,8 +55,13 @@ fn run_syncer(db: std::sync::Weak<DB>, rx: std::sync::mpsc::Receiver<LogFlushed<
             Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
             None => Err("the log database is closed".to_string()),
         };
-        for cb in waiting {
-            cb.log_io_completed(result.clone().map_err(std::io::Error::other));
+        for request in waiting {
+            match request {
+                SyncRequest::Append(cb) => cb.log_io_completed(result.clone().map_err(std::io::Error::other)),
+                SyncRequest::Barrier(tx) => {
+                    let _ = tx.send(result.clone());
+                }
+            }
         }
     }
 }
@@ -80,6 +97,16 @@ impl LogStore {
             .spawn(move || run_syncer(sync_db, rx))
             .expect("spawn the log syncer thread");
         Self { db, syncer }
+    }
+
+    /// Returns once every write made to the database before the call is
+    /// durable (one WAL sync, shared with every append and caller waiting).
+    pub async fn sync(&self) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.syncer
+            .send(SyncRequest::Barrier(tx))
+            .map_err(|_| "the log syncer stopped".to_string())?;
+        rx.await.map_err(|_| "the log syncer stopped".to_string())?
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
@@ -170,7 +197,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
-        self.put_meta(KEY_COMMITTED, &committed, false).await
+        // Called by openraft's core for every commit it sees, and the core
+        // waits for it: written inline and unsynced (like `append`), not through
+        // the blocking pool, whose thread hand-off would delay every commit.
+        let bytes = bincode::serialize(&committed).map_err(write_err)?;
+        self.db
+            .put_cf(cf(&self.db, CF_RAFT), KEY_COMMITTED, bytes)
+            .map_err(write_err)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -196,7 +229,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
             return Err(write_err(e));
         }
-        if let Err(std::sync::mpsc::SendError(callback)) = self.syncer.send(callback) {
+        if let Err(std::sync::mpsc::SendError(SyncRequest::Append(callback))) =
+            self.syncer.send(SyncRequest::Append(callback))
+        {
             let e = std::io::Error::other("the log syncer stopped");
             callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
             return Err(write_err(e));
