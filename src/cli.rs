@@ -196,7 +196,8 @@ pub struct MountArgs {
     /// Disk cache size cap, e.g. 10GiB.
     #[arg(long, default_value = "10GiB")]
     pub cache_size: String,
-    /// Memory cache size cap, e.g. 1GiB.
+    /// Memory for chunks, e.g. 1GiB: the memory cache plus the prefetches in
+    /// flight (up to 64 MiB of it), so the mount's footprint stays near this.
     #[arg(long, default_value = "1GiB")]
     pub mem_cache: String,
     /// Stay in the foreground until unmounted (for container entrypoints).

@@ -14,6 +14,17 @@
 //! to a per-handle cap, in batches, and only while the prefetch bytes in
 //! flight over the whole mount stay below a global cap. A read anywhere else
 //! resets the window to zero, so random access prefetches nothing.
+//!
+//! The same idea works across files: datasets are mostly read a directory at
+//! a time in name order (the 4 KiB-to-few-MiB files of an image or shard set),
+//! where each file is too small for its own readahead to start and every file
+//! would cost a fetch round trip. Each directory keeps a streak of first reads
+//! of its files: a file whose position is near the last one read (within
+//! [`SIBLING_NEAR`], since several readers work through a list at once) extends
+//! it; from the third such file on, the files after it are prefetched whole, in
+//! a window of bytes that doubles per file like a handle's, under the same
+//! global cap. A read of a file far from the last resets the directory's
+//! streak, so files read in random order prefetch nothing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +48,9 @@ pub struct FsConfig {
     pub readahead_initial: u64,
     /// Largest readahead window of one handle.
     pub readahead_max: u64,
-    /// Prefetch bytes in flight over the whole mount.
+    /// Prefetch bytes in flight over the whole mount. In flight means in
+    /// memory outside the memory cache, so this is what prefetch may add to
+    /// the mount's footprint (64 MiB keeps it within mem-cache + 100 MiB).
     pub readahead_global: u64,
     /// Largest batch of chunks one prefetch fetch asks for.
     pub prefetch_batch: u64,
@@ -51,7 +64,7 @@ impl Default for FsConfig {
         Self {
             readahead_initial: 1 << 20,
             readahead_max: 64 << 20,
-            readahead_global: 512 << 20,
+            readahead_global: 64 << 20,
             prefetch_batch: 4 << 20,
             uid: 0,
             gid: 0,
@@ -175,7 +188,26 @@ struct Readahead {
 /// Files whose read state [`GranaryFs::read_inode`] keeps (then it starts over).
 const INODE_HANDLES: usize = 4096;
 
+/// Directories whose file-order readahead state is kept (then it starts over).
+const DIR_STATES: usize = 1024;
+
+/// A first read of a file within this many positions of the directory's last
+/// one counts as continuing a name-order pass.
+const SIBLING_NEAR: usize = 8;
+
+/// Name-order reads of one directory's files (see the module docs).
+#[derive(Default)]
+struct DirReadahead {
+    /// Position of the furthest file read in the current streak.
+    last: usize,
+    streak: u32,
+    window: u64,
+    /// Files before this position have been prefetched or read.
+    issued_to: usize,
+}
+
 struct Handle {
+    ino: u64,
     layout: Arc<Layout>,
     ra: Mutex<Readahead>,
 }
@@ -192,6 +224,8 @@ pub struct GranaryFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     /// Handles of files read without an open (see [`GranaryFs::read_inode`]).
     inode_handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    /// File-order readahead per directory inode.
+    dir_ra: Mutex<HashMap<u64, DirReadahead>>,
     next_fh: AtomicU64,
     prefetch_inflight: Arc<AtomicU64>,
 }
@@ -227,6 +261,7 @@ impl GranaryFs {
             names: RwLock::default(),
             handles: RwLock::default(),
             inode_handles: Mutex::default(),
+            dir_ra: Mutex::default(),
             next_fh: AtomicU64::new(1),
             prefetch_inflight: Arc::default(),
         })
@@ -388,6 +423,7 @@ impl GranaryFs {
         self.handles.write().expect("handle table").insert(
             fh,
             Arc::new(Handle {
+                ino,
                 layout,
                 ra: Mutex::default(),
             }),
@@ -432,6 +468,7 @@ impl GranaryFs {
             None => {
                 let inode = self.inode(ino)?;
                 let h = Arc::new(Handle {
+                    ino,
                     layout: self.layout(&inode).await?,
                     ra: Mutex::default(),
                 });
@@ -452,6 +489,9 @@ impl GranaryFs {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         if offset >= end {
             return Ok(Vec::new());
+        }
+        if offset == 0 {
+            self.sibling_readahead(h.ino).await;
         }
         self.readahead(&h, offset, end);
         let span = h.layout.span(offset, end);
@@ -520,28 +560,110 @@ impl GranaryFs {
         }
     }
 
-    fn spawn_prefetch(&self, chunks: Vec<ChunkRef>, bytes: u64) {
+    /// Updates the file-order readahead of the directory holding `ino` for a
+    /// first read of that file, and prefetches the files after it when the
+    /// directory is being read in name order (see the module docs).
+    async fn sibling_readahead(&self, ino: u64) {
+        let Ok(inode) = self.inode(ino) else { return };
+        let Ok(dir) = self.inode(inode.parent) else { return };
+        let Some(tree_id) = dir.dir_tree() else { return };
+        let Ok(tree) = self.source.tree(tree_id).await else {
+            return;
+        };
+        let name = inode.path.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
+        let entries = tree.entries();
+        let Ok(pos) = entries.binary_search_by(|e| e.name.as_slice().cmp(name)) else {
+            return;
+        };
+        let (from, to) = {
+            let mut states = self.dir_ra.lock().expect("directory readahead");
+            if states.len() >= DIR_STATES && !states.contains_key(&dir.ino) {
+                states.clear();
+            }
+            let ra = states.entry(dir.ino).or_default();
+            if ra.streak > 0 && pos + SIBLING_NEAR >= ra.last && pos <= ra.last + SIBLING_NEAR {
+                ra.streak += 1;
+                ra.last = ra.last.max(pos);
+            } else {
+                *ra = DirReadahead {
+                    last: pos,
+                    streak: 1,
+                    window: 0,
+                    issued_to: pos + 1,
+                };
+            }
+            if ra.streak < 3 {
+                return;
+            }
+            ra.window = if ra.window == 0 {
+                self.cfg.readahead_initial
+            } else {
+                (ra.window * 2).min(self.cfg.readahead_max)
+            };
+            // The files after `last`, until their bytes fill the window; in
+            // steps of at least half a window, so that every file read does
+            // not start a fetch of one more file.
+            let from = ra.issued_to.max(ra.last + 1).min(entries.len());
+            let mut ahead: u64 = entries[ra.last + 1..from].iter().map(|e| e.size()).sum();
+            if ahead >= ra.window / 2 {
+                return;
+            }
+            let mut to = from;
+            while to < entries.len() && ahead < ra.window {
+                ahead += entries[to].size();
+                to += 1;
+            }
+            let bytes: u64 = entries[from..to].iter().map(|e| e.size()).sum();
+            let inflight = self.prefetch_inflight.load(Ordering::Relaxed);
+            if to == from || inflight + bytes > self.cfg.readahead_global {
+                return;
+            }
+            ra.issued_to = to;
+            (from, to)
+        };
+        let files: Vec<TreeEntry> = entries[from..to]
+            .iter()
+            .filter(|e| e.kind() == EntryKind::File && e.size() > 0)
+            .cloned()
+            .collect();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (cache, source, stats, inflight) = (
-            self.cache.clone(),
-            self.source.clone(),
-            self.stats.clone(),
-            self.prefetch_inflight.clone(),
-        );
-        inflight.fetch_add(bytes, Ordering::Relaxed);
-        // Registered now, so the next read joins these fetches.
-        let slots = cache.start(&source, &chunks, Want::Prefetch, &stats);
+        let (source, batch_max, prefetcher) =
+            (self.source.clone(), self.cfg.prefetch_batch, self.prefetcher());
         rt.spawn(async move {
-            for slot in slots {
-                if let Err(e) = slot.get().await {
-                    tracing::debug!("prefetch failed (a read will retry): {e}");
-                    break;
+            let mut batch: Vec<ChunkRef> = Vec::new();
+            let mut batch_bytes = 0u64;
+            for entry in &files {
+                // Inline lists are at hand; a spilled one is one fetch (cached).
+                let Ok(list) = source.chunk_list(entry).await else {
+                    continue;
+                };
+                for c in list {
+                    batch_bytes += c.len as u64;
+                    batch.push(c);
+                }
+                if batch_bytes >= batch_max {
+                    prefetcher.spawn(std::mem::take(&mut batch), std::mem::take(&mut batch_bytes));
                 }
             }
-            inflight.fetch_sub(bytes, Ordering::Relaxed);
+            if !batch.is_empty() {
+                prefetcher.spawn(batch, batch_bytes);
+            }
         });
+    }
+
+    fn prefetcher(&self) -> Prefetcher {
+        Prefetcher {
+            cache: self.cache.clone(),
+            source: self.source.clone(),
+            stats: self.stats.clone(),
+            inflight: self.prefetch_inflight.clone(),
+        }
+    }
+
+    fn spawn_prefetch(&self, chunks: Vec<ChunkRef>, bytes: u64) {
+        self.prefetcher().spawn(chunks, bytes);
     }
 
     /// Prefetch bytes in flight now (for tests).
@@ -552,6 +674,39 @@ impl GranaryFs {
     /// Every chunk of the file at inode `ino` (for `granary prefetch`).
     pub async fn chunks_of(&self, ino: u64) -> Result<Vec<ChunkRef>, FsError> {
         Ok(self.layout(&*self.inode(ino)?).await?.chunks.clone())
+    }
+}
+
+/// What a background prefetch needs, apart from the filesystem.
+#[derive(Clone)]
+struct Prefetcher {
+    cache: Arc<ChunkCache>,
+    source: Arc<dyn Source>,
+    stats: Arc<Stats>,
+    inflight: Arc<AtomicU64>,
+}
+
+impl Prefetcher {
+    /// Starts fetching `chunks` (`bytes` in all) into the cache in the background.
+    fn spawn(&self, chunks: Vec<ChunkRef>, bytes: u64) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.clone();
+        this.inflight.fetch_add(bytes, Ordering::Relaxed);
+        // Registered now, so the next read joins these fetches.
+        let slots = this
+            .cache
+            .start(&this.source, &chunks, Want::Prefetch, &this.stats);
+        rt.spawn(async move {
+            for slot in slots {
+                if let Err(e) = slot.get().await {
+                    tracing::debug!("prefetch failed (a read will retry): {e}");
+                    break;
+                }
+            }
+            this.inflight.fetch_sub(bytes, Ordering::Relaxed);
+        });
     }
 }
 

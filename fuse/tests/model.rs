@@ -435,6 +435,83 @@ fn random_reads_do_not_prefetch() {
     });
 }
 
+/// A directory `d` of `n` files of `len` random bytes each, one chunk each.
+fn many_small_files(n: usize, len: usize) -> (MemSource, Vec<Vec<u8>>) {
+    let mut rng = fastrand::Rng::with_seed(n as u64);
+    let mut src = MemSource::default();
+    let mut files = Vec::new();
+    let mut entries = Vec::new();
+    for i in 0..n {
+        let data: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+        let (content, _) = file_content(vec![src.add_chunk(&data)]);
+        entries.push(TreeEntry {
+            name: format!("f{i:04}").into_bytes(),
+            mode: 0o644,
+            mtime: Timestamp::default(),
+            data: EntryData::File {
+                size: len as u64,
+                content,
+            },
+        });
+        files.push(data);
+    }
+    let dir = src.add_tree(Tree::new(entries).unwrap());
+    let d = TreeEntry {
+        name: b"d".to_vec(),
+        mode: 0o755,
+        mtime: Timestamp::default(),
+        data: EntryData::Dir { tree: dir },
+    };
+    src.root = src.add_tree(Tree::new(vec![d]).unwrap());
+    (src, files)
+}
+
+/// Reads files `order` of directory `d` whole, with the kernel's zero-message opens.
+async fn read_files(fs: &GranaryFs, files: &[Vec<u8>], order: &[usize]) {
+    let dir = fs.lookup(ROOT_INO, b"d").await.unwrap().ino;
+    for &i in order {
+        let ino = fs.lookup(dir, format!("f{i:04}").as_bytes()).await.unwrap().ino;
+        let got = fs.read_inode(ino, 0, 1 << 20).await.unwrap();
+        assert_eq!(got, files[i], "file {i}");
+    }
+}
+
+#[test]
+fn reading_a_directory_in_name_order_prefetches_the_next_files() {
+    let (src, files) = many_small_files(400, 4096);
+    let tmp = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (fs, src) = mount(src, 64 << 20, tmp.path(), 64 << 20, ra_config());
+        let order: Vec<usize> = (0..files.len()).collect();
+        read_files(&fs, &files, &order).await;
+        let s = fs.stats().snapshot();
+        // Only the first few files (before the streak starts) and the reads
+        // that overtake a prefetch miss; the rest was fetched ahead.
+        assert!(s.prefetched_chunks > 300, "{s:?}");
+        assert!(s.misses < 40, "{s:?}");
+        // Fetched in batches, not one call per file, and each chunk once.
+        assert!(src.fetch_calls.load(Ordering::Relaxed) < 100, "{s:?}");
+        assert!(src.chunks_fetched.load(Ordering::Relaxed) <= 400, "{s:?}");
+    });
+}
+
+#[test]
+fn reading_files_in_random_order_prefetches_nothing() {
+    let (src, files) = many_small_files(400, 4096);
+    let tmp = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (fs, _src) = mount(src, 64 << 20, tmp.path(), 64 << 20, ra_config());
+        // Every file 20 positions from the one before (more than
+        // SIBLING_NEAR): no streak can start.
+        let mut order: Vec<usize> = (0..files.len()).collect();
+        order.sort_by_key(|&i| (i % 20, i));
+        read_files(&fs, &files, &order).await;
+        let s = fs.stats().snapshot();
+        assert_eq!(s.prefetched_chunks, 0, "{s:?}");
+        assert_eq!(s.misses, 400, "{s:?}");
+    });
+}
+
 #[test]
 fn fetch_failures_are_errors_and_reads_recover() {
     let (src, data) = one_file(10_000, 1000);
