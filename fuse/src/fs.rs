@@ -188,6 +188,11 @@ struct Readahead {
 /// Files whose read state [`GranaryFs::read_inode`] keeps (then it starts over).
 const INODE_HANDLES: usize = 4096;
 
+/// Most chunks in one prefetch batch. A batch completes as a whole, so a
+/// reader waiting for its first chunk waits for all of them; from the disk
+/// cache (one file each) 4 MiB of 4 KiB chunks would be a thousand reads.
+const PREFETCH_BATCH_CHUNKS: usize = 64;
+
 /// Directories whose file-order readahead state is kept (then it starts over).
 const DIR_STATES: usize = 1024;
 
@@ -550,7 +555,7 @@ impl GranaryFs {
             let c = layout.chunks[i];
             batch.push(c);
             batch_bytes += c.len as u64;
-            if batch_bytes >= self.cfg.prefetch_batch {
+            if batch_bytes >= self.cfg.prefetch_batch || batch.len() >= PREFETCH_BATCH_CHUNKS {
                 self.spawn_prefetch(std::mem::take(&mut batch), batch_bytes);
                 batch_bytes = 0;
             }
@@ -643,7 +648,7 @@ impl GranaryFs {
                     batch_bytes += c.len as u64;
                     batch.push(c);
                 }
-                if batch_bytes >= batch_max {
+                if batch_bytes >= batch_max || batch.len() >= PREFETCH_BATCH_CHUNKS {
                     prefetcher.spawn(std::mem::take(&mut batch), std::mem::take(&mut batch_bytes));
                 }
             }
