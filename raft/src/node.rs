@@ -271,8 +271,8 @@ impl<A: App> RaftNode<A> {
     }
 
     /// Commits `command` on this node, which must be the leader. The reply
-    /// comes once the applied command is durable (the state machine syncs
-    /// each apply call before answering its clients).
+    /// comes once the applied command is durable (the state machine answers
+    /// its clients only after a WAL sync).
     pub async fn write_as_leader(&self, command: Vec<u8>) -> Result<Vec<u8>, RaftNodeError> {
         let t = self.inner.write_timeout;
         match timeout(t, self.raft().client_write(Command(command))).await {

@@ -8,18 +8,20 @@
 //! | `sm_state` | `last_applied`, `membership`, `installing` | bincode |
 //! | the application's own | whatever the [`App`] writes | |
 //!
-//! Durability: a vote is written with `sync` before `save_vote` returns.
-//! Appended entries are written at once (readable immediately) and reported
-//! flushed to openraft (`IOFlushed`) only after a WAL sync; a syncer thread
-//! syncs once for every request waiting (group commit), so one fsync covers
-//! many entries under load.
-//! Each applied entry is one `WriteBatch` holding the application's writes
-//! plus `last_applied` (and the membership when it changes), written without
-//! a sync; after the last entry of an `apply` call, one WAL sync through the
-//! same syncer (shared with log appends) makes them all durable before any
-//! of their clients is answered. An applied batch a crash loses is applied
-//! again from the log, which was durable first, and the log is purged only by
-//! a synced write, after every state-machine write before it.
+//! Durability (see `syncer.rs` for the group commit):
+//! - a vote is written with `sync` before `save_vote` returns;
+//! - appended entries are written at once without `sync` (readable
+//!   immediately) and reported flushed to openraft (`IOFlushed`) only after
+//!   the syncer's next WAL sync;
+//! - each applied entry is one `WriteBatch` holding the application's writes
+//!   plus `last_applied` (and the membership when it changes), written
+//!   without a sync; the clients waiting for the entries of an `apply` call
+//!   are answered by the syncer after its next WAL sync has made them
+//!   durable. Entries nobody waits for (on followers) are not synced: an
+//!   applied batch a crash loses is applied again from the log, which was
+//!   durable first, and the log is purged only by a synced write, after
+//!   every state-machine write before it.
+//!
 //! Snapshot installation is crash-safe: see [`snapshot`].
 //!
 //! RocksDB calls that scan or may wait run on tokio's blocking pool, never on
@@ -28,6 +30,7 @@
 mod log;
 mod snapshot;
 mod state_machine;
+mod syncer;
 
 pub use self::log::LogStore;
 pub use self::state_machine::{Snapshot, SnapshotBuilder, StateMachineStore};

@@ -73,7 +73,10 @@ async fn receive(
     to: &StateMachineStore<Kv>,
     snapshot: store::Snapshot,
     damage: bool,
-) -> (openraft::type_config::alias::SnapshotMetaOf<TypeConfig>, tokio::fs::File) {
+) -> (
+    openraft::type_config::alias::SnapshotMetaOf<TypeConfig>,
+    tokio::fs::File,
+) {
     let mut bytes = Vec::new();
     let mut src = snapshot.snapshot;
     tokio::io::AsyncReadExt::read_to_end(&mut src, &mut bytes)

@@ -5,10 +5,12 @@ use std::future::Future;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use openraft::type_config::alias::VoteOf;
 use openraft::error::{NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::type_config::alias::VoteOf;
 use openraft::type_config::TypeConfigExt;
 use openraft::{BasicNode, RaftNetworkV2, StorageError};
 use serde::de::DeserializeOwned;

@@ -51,21 +51,30 @@ impl<A: App> RaftPeer for PeerService<A> {
 
     /// Receives a snapshot into an unnamed temp file, checks it, then hands
     /// it to openraft, which installs it if the sender is still the leader.
-    async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<Bytes>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<Bytes>, Status> {
         let mut chunks = req.into_inner();
         let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) = match chunks.message().await? {
             Some(SnapshotChunk {
                 part: Some(Part::Header(header)),
             }) => bincode::deserialize(&header)
                 .map_err(|e| Status::invalid_argument(format!("malformed snapshot header: {e}")))?,
-            _ => return Err(Status::invalid_argument("a snapshot transfer must start with its header")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a snapshot transfer must start with its header",
+                ))
+            }
         };
         let sm = self.node.state_machine();
         let receive_err = |e: std::io::Error| Status::internal(format!("receiving a snapshot: {e}"));
         let mut file = sm.snapshot_receiver().await.map_err(receive_err)?;
         while let Some(chunk) = chunks.message().await? {
             let Some(Part::Data(data)) = chunk.part else {
-                return Err(Status::invalid_argument("a snapshot transfer has one header, first"));
+                return Err(Status::invalid_argument(
+                    "a snapshot transfer has one header, first",
+                ));
             };
             file.write_all(&data).await.map_err(receive_err)?;
         }

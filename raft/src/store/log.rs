@@ -1,16 +1,16 @@
-//! The Raft log and vote (openraft `RaftLogStorage`), and the WAL syncer
-//! they share with the state machine.
+//! The Raft log and vote (openraft `RaftLogStorage`).
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
-use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::RaftLogReader;
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 
+use super::syncer::Syncer;
 use super::{blocking, cf, CF_LOG, CF_RAFT};
 use crate::TypeConfig;
 
@@ -26,7 +26,7 @@ type Vote = VoteOf<TypeConfig>;
 ///
 /// Appends use group commit: `append` writes the entries without `sync`
 /// (so they are readable at once, as openraft requires) and hands the
-/// flush callback to the [`Syncer`], which reports them flushed after its
+/// flush callback to the syncer (`syncer.rs`), which reports them flushed after its
 /// next WAL sync. openraft 0.10 does not wait for that callback before it
 /// takes the next writes, so while one fsync runs the next entries queue up
 /// behind it, and under load one fsync covers many entries.
@@ -34,82 +34,6 @@ type Vote = VoteOf<TypeConfig>;
 pub struct LogStore {
     db: Arc<DB>,
     syncer: Syncer,
-}
-
-/// A handle to the syncer thread, which makes every write made to the
-/// database before a request durable with one WAL sync shared by all
-/// requests waiting (the log's appends and the state machine's applies go
-/// to the same WAL).
-#[derive(Clone)]
-pub(crate) struct Syncer {
-    tx: std::sync::mpsc::Sender<SyncRequest>,
-}
-
-/// Something waiting for the WAL to be synced.
-enum SyncRequest {
-    /// Entries openraft appended.
-    Append(IOFlushed<TypeConfig>),
-    /// Everything written before the request (see [`Syncer::sync`]).
-    Barrier(tokio::sync::oneshot::Sender<io::Result<()>>),
-}
-
-impl Syncer {
-    /// Starts the syncer thread for `db`.
-    ///
-    /// The thread holds the database weakly: it may outlive the stores (it
-    /// ends only when every handle is gone), and the database must close
-    /// when its owners drop it, not whenever this thread happens to finish —
-    /// RocksDB closing while the process exits aborts it.
-    fn start(db: &Arc<DB>) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let db = Arc::downgrade(db);
-        std::thread::Builder::new()
-            .name("granary-log-sync".into())
-            .spawn(move || run_syncer(db, rx))
-            .expect("spawn the log syncer thread");
-        Self { tx }
-    }
-
-    /// Returns once every write made to the database before the call is
-    /// durable.
-    pub(crate) async fn sync(&self) -> io::Result<()> {
-        let stopped = || io::Error::other("the log syncer stopped");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(SyncRequest::Barrier(tx)).map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
-    }
-
-    /// Reports `callback` flushed after the next WAL sync.
-    fn flush(&self, callback: IOFlushed<TypeConfig>) -> io::Result<()> {
-        self.tx.send(SyncRequest::Append(callback)).map_err(|e| {
-            let error = || io::Error::other("the log syncer stopped");
-            if let SyncRequest::Append(callback) = e.0 {
-                callback.io_completed(Err(error()));
-            }
-            error()
-        })
-    }
-}
-
-/// Syncs the WAL for every waiting request at once, then completes them.
-fn run_syncer(db: std::sync::Weak<DB>, rx: std::sync::mpsc::Receiver<SyncRequest>) {
-    while let Ok(first) = rx.recv() {
-        let mut waiting = vec![first];
-        waiting.extend(rx.try_iter());
-        let result = match db.upgrade() {
-            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
-            None => Err("the log database is closed".to_string()),
-        };
-        for request in waiting {
-            let result = result.clone().map_err(io::Error::other);
-            match request {
-                SyncRequest::Append(callback) => callback.io_completed(result),
-                SyncRequest::Barrier(tx) => {
-                    let _ = tx.send(result);
-                }
-            }
-        }
-    }
 }
 
 fn key(index: u64) -> [u8; 8] {
@@ -149,7 +73,11 @@ impl LogStore {
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> io::Result<Option<T>> {
-        match self.db.get_cf(cf(&self.db, CF_RAFT), k).map_err(io::Error::other)? {
+        match self
+            .db
+            .get_cf(cf(&self.db, CF_RAFT), k)
+            .map_err(io::Error::other)?
+        {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
@@ -217,7 +145,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             None => None,
         };
         Ok(LogState {
-            last_purged_log_id: last_purged.clone(),
+            last_purged_log_id: last_purged,
             last_log_id: last.or(last_purged),
         })
     }
@@ -263,7 +191,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.db.write(batch).map_err(io::Error::other)
         })();
         match written {
-            Ok(()) => self.syncer.flush(callback),
+            Ok(()) => self.syncer.flushed(callback),
             Err(e) => {
                 callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
                 Err(e)

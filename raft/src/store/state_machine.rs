@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, RaftSnapshotBuilder, StoredMembership};
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 
-use super::log::Syncer;
 use super::snapshot::{self, KEY_INSTALLING, KEY_LAST_APPLIED, KEY_MEMBERSHIP};
+use super::syncer::Syncer;
 use super::{blocking, cf, App, CF_SM};
 use crate::{Response, TypeConfig};
 
@@ -36,7 +36,7 @@ struct Inner<A> {
     db: Arc<DB>,
     app: A,
     snapshot_dir: PathBuf,
-    /// Makes applied entries durable before their clients are answered.
+    /// Answers the clients of applied entries once the entries are durable.
     syncer: Syncer,
 }
 
@@ -132,7 +132,7 @@ impl<A: App> StateMachineStore<A> {
     ) -> io::Result<tokio::fs::File> {
         let mut file = file.into_std().await;
         let label = self.inner.snapshot_dir.join(snapshot::RECEIVED);
-        let expected = meta.last_log_id.clone();
+        let expected = meta.last_log_id;
         let file = blocking(move || {
             snapshot::verify(&mut file, &label)?;
             let header = snapshot::read_header(&mut file, &label)?;
@@ -165,7 +165,7 @@ fn apply_all<A: App>(i: &Inner<A>, entries: Vec<EntryOf<TypeConfig>>) -> io::Res
             EntryPayload::Blank => Response::default(),
             EntryPayload::Normal(cmd) => Response(i.app.apply(db, &mut batch, entry.log_id.index, &cmd.0)),
             EntryPayload::Membership(m) => {
-                let stored = StoredMembership::new(Some(entry.log_id.clone()), m.clone());
+                let stored = StoredMembership::new(Some(entry.log_id), m.clone());
                 batch.put_cf(sm, KEY_MEMBERSHIP, encode(&stored)?);
                 Response::default()
             }
@@ -195,10 +195,14 @@ impl<A: App> RaftStateMachine<TypeConfig> for StateMachineStore<A> {
         Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + Send,
     {
         // openraft hands over every committed entry not yet applied at once,
-        // so under load one call carries many entries: they are written
-        // unsynced and made durable by one WAL sync (shared with the log's
-        // appends) before any of their clients is answered. A sync per entry
-        // would cap the cluster at one fsync per commit.
+        // so under load one call carries many entries. They are written
+        // unsynced, and their clients are answered by the syncer after its
+        // next WAL sync (shared with the log's appends) has made them durable.
+        // Waiting for that sync here instead would stall applying behind
+        // every fsync (measured: ~10% fewer commits/s at concurrency 64, far
+        // worse on a loaded machine). Entries with no client waiting (all of
+        // them on followers) need no sync: a crash loses only applied state
+        // that is applied again from the log, which is durable.
         let mut entries = Vec::new();
         let mut responders = Vec::new();
         while let Some(item) = stream.next().await {
@@ -208,11 +212,13 @@ impl<A: App> RaftStateMachine<TypeConfig> for StateMachineStore<A> {
         }
         let i = self.inner.clone();
         let responses = blocking(move || apply_all(&i, entries)).await?;
-        self.inner.syncer.sync().await?;
-        for (responder, response) in responders.into_iter().zip(responses) {
-            if let Some(responder) = responder {
-                responder.send(response);
-            }
+        let replies: Vec<_> = responders
+            .into_iter()
+            .zip(responses)
+            .filter_map(|(responder, response)| responder.map(|r| (r, response)))
+            .collect();
+        if !replies.is_empty() {
+            self.inner.syncer.reply(replies)?;
         }
         Ok(())
     }
