@@ -1,33 +1,18 @@
 //! The RocksDB log store and state machine against openraft's own storage
 //! test suite, plus crash-safety of snapshot installation.
 
+mod common;
+
+use common::Kv;
 use futures::stream;
 use granary_raft::store::{self, LogStore, StateMachineStore};
-use granary_raft::{App, TypeConfig};
+use granary_raft::TypeConfig;
 use openraft::impls::leader_id_adv::LeaderId;
 use openraft::storage::RaftStateMachine;
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::type_config::TypeConfigExt;
 use openraft::{Entry, EntryPayload, LogId, Membership, RaftSnapshotBuilder, StorageError};
-use rocksdb::{WriteBatch, DB};
 use tempfile::TempDir;
-
-/// A key-value application: a command `key=value` stores value under key.
-struct Kv;
-
-impl App for Kv {
-    fn column_families(&self) -> &'static [&'static str] {
-        &["kv"]
-    }
-
-    fn apply(&self, db: &DB, batch: &mut WriteBatch, index: u64, command: &[u8]) -> Vec<u8> {
-        let cf = db.cf_handle("kv").unwrap();
-        let text = String::from_utf8_lossy(command);
-        let (k, v) = text.split_once('=').unwrap_or((&text, ""));
-        batch.put_cf(cf, k.as_bytes(), v.as_bytes());
-        index.to_be_bytes().to_vec()
-    }
-}
 
 struct Builder;
 
