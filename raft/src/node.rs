@@ -280,9 +280,11 @@ impl<A: App> RaftNode<A> {
                 "the write was not committed within {t:?}"
             ))),
             Ok(Ok(resp)) => Ok(resp.data.0),
-            // A discarded entry (this node lost leadership before it
-            // committed) is retried through the new leader, as 0.9's
-            // `ForwardToLeader` for truncated entries was.
+            // A discarded entry (this node lost leadership while the write
+            // waited) is retried through the new leader, as 0.9 did for
+            // entries the new leader overwrote. An entry discarded because a
+            // snapshot superseded it may have been committed: rare, and the
+            // retry may apply it twice (see docs/architecture.md).
             Ok(Err(RaftError::APIError(
                 ClientWriteError::ForwardToLeader(f) | ClientWriteError::LogEntryDiscarded(f),
             ))) => Err(RaftNodeError::NotLeader { leader: f.leader_id }),
