@@ -127,7 +127,10 @@ impl PeerClient {
         let addr = self.addr.clone();
         let data = bincode::serialize(req).map_err(network_error)?;
         let mut request = tonic::Request::new(Bytes { data });
-        request.set_timeout(option.soft_ttl());
+        // The hard TTL, as under 0.9 (openraft does not enforce it itself):
+        // for AppendEntries it is the heartbeat interval, 150 ms, and a large
+        // batch on a loaded machine needs every bit of it.
+        request.set_timeout(option.hard_ttl());
         let reply = method(self.client()?, request)
             .await
             .map_err(|s| status_error(&addr, s))?;
@@ -190,8 +193,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     /// Streams the snapshot file in chunks over one client-streaming call;
     /// the follower writes them to a file, checks it and installs it.
     ///
-    /// `option.soft_ttl()` bounds how long the transport may go without
-    /// taking the next chunk. Once every chunk is sent the follower installs
+    /// `option.hard_ttl()` (`install_snapshot_timeout`) bounds how long the
+    /// transport may go without taking the next chunk. Once every chunk is sent the follower installs
     /// the snapshot, which takes as long as the snapshot is large; that wait
     /// is bounded by the channel's HTTP/2 keep-alive (a dead peer) and by
     /// `cancel`, not by a timeout.
@@ -208,7 +211,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             .snapshot_chunk_size()
             .unwrap_or(DEFAULT_CHUNK)
             .clamp(64 << 10, super::MAX_MESSAGE / 2);
-        let idle = option.soft_ttl();
+        let idle = option.hard_ttl();
         let progress = Arc::new(Mutex::new(Instant::now()));
         let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_AHEAD);
         let reader = read_chunks(snapshot.snapshot, header, chunk, tx, progress.clone());
