@@ -1,20 +1,20 @@
 //! # granary-raft
 //!
-//! Replication of Granary's metadata with openraft 0.9 (storage-v2):
+//! Replication of Granary's metadata with openraft 0.10 (a pre-release: its
+//! core submits log writes without waiting for them to be flushed and
+//! batches queued client writes, which 0.9 could not; see
+//! `docs/architecture.md`):
 //!
 //! | module | owns |
 //! |---|---|
 //! | [`store`] | one RocksDB per node: the Raft log and vote ([`store::LogStore`]), the state machine ([`store::StateMachineStore`]) and snapshot files |
-//! | [`network`] | the `RaftPeer` gRPC service between meta nodes and its client (openraft's `RaftNetwork`) |
+//! | [`network`] | the `RaftPeer` gRPC service between meta nodes and its client (openraft's `RaftNetworkV2`), including the chunked snapshot transfer |
 //! | [`node`] | [`RaftNode`]: opening, bootstrapping and joining a cluster, writes forwarded to the leader, linearizable read barriers, membership changes, status |
 //!
 //! The crate knows nothing about datasets or chunks. An application plugs in
 //! through the [`App`] trait: it names its column families and applies one
 //! committed command at a time into a RocksDB `WriteBatch`. Commands and
 //! responses travel as opaque bytes ([`Command`], [`Response`]).
-
-// openraft dictates `StorageError` (224+ bytes) as the error of its storage traits.
-#![allow(clippy::result_large_err)]
 
 pub mod network;
 pub mod node;
@@ -58,18 +58,18 @@ impl fmt::Debug for Response {
 pub type NodeId = u64;
 
 openraft::declare_raft_types!(
-    /// Granary's openraft type configuration: opaque commands, nodes addressed
-    /// by `host:port`, snapshots streamed through files (never whole in memory).
+    /// Granary's openraft type configuration: opaque commands and nodes
+    /// addressed by `host:port`. (Snapshots are files, never whole in memory:
+    /// the state machine's `SnapshotData`.)
     pub TypeConfig:
         D = Command,
         R = Response,
         NodeId = NodeId,
         Node = openraft::BasicNode,
-        SnapshotData = tokio::fs::File,
 );
 
-/// The openraft handle for this configuration.
-pub type Raft = openraft::Raft<TypeConfig>;
+/// The openraft handle for this configuration and an application's state machine.
+pub type Raft<A> = openraft::Raft<TypeConfig, store::StateMachineStore<A>>;
 
 /// Generated gRPC code for the peer protocol.
 pub mod proto {

@@ -1,6 +1,7 @@
 //! The peer network between meta nodes: the `RaftPeer` gRPC service
-//! ([`PeerService`]) and openraft's `RaftNetwork` on top of its client
-//! ([`NetworkFactory`]). Payloads are bincode-encoded openraft messages; a
+//! ([`PeerService`]) and openraft's `RaftNetworkV2` on top of its client
+//! ([`NetworkFactory`]). Payloads are bincode-encoded openraft messages;
+//! snapshots are files streamed in chunks over one client-streaming call. A
 //! peer that cannot be reached maps to openraft's `Unreachable`, so openraft
 //! backs off instead of hammering it.
 

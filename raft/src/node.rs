@@ -17,15 +17,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
-use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
 use rocksdb::DB;
 use serde::{Deserialize, Serialize};
 use tokio::time::{timeout, Instant};
 
 use crate::network::{Channels, NetworkFactory};
 use crate::proto::{Empty, JoinRequest, RemoveRequest};
-use crate::store::{self, App, LogStore, StateMachineStore};
+use crate::store::{self, App, StateMachineStore};
 use crate::{Command, NodeId, Raft};
 
 /// How a node runs.
@@ -126,9 +127,7 @@ impl<A: App> Clone for RaftNode<A> {
 struct Inner<A: App> {
     id: NodeId,
     addr: String,
-    raft: Raft,
-    /// The log store, for [`LogStore::sync`].
-    log: LogStore,
+    raft: Raft<A>,
     sm: StateMachineStore<A>,
     channels: Channels,
     write_timeout: Duration,
@@ -150,7 +149,7 @@ impl<A: App> RaftNode<A> {
             channels: channels.clone(),
         };
         let config = Arc::new(cfg.raft.validate().map_err(fatal)?);
-        let raft = Raft::new(cfg.id, config, network, log.clone(), sm.clone())
+        let raft = Raft::new(cfg.id, config, network, log, sm.clone())
             .await
             .map_err(fatal)?;
         Ok(Self {
@@ -158,7 +157,6 @@ impl<A: App> RaftNode<A> {
                 id: cfg.id,
                 addr: cfg.addr,
                 raft,
-                log,
                 sm,
                 channels,
                 write_timeout: cfg.write_timeout,
@@ -170,8 +168,18 @@ impl<A: App> RaftNode<A> {
         self.inner.id
     }
 
-    pub fn raft(&self) -> &Raft {
+    pub fn raft(&self) -> &Raft<A> {
         &self.inner.raft
+    }
+
+    /// True while this node is the Raft leader.
+    pub fn is_leader(&self) -> bool {
+        self.raft().is_leader()
+    }
+
+    /// The state machine, for receiving snapshots.
+    pub(crate) fn state_machine(&self) -> &StateMachineStore<A> {
+        &self.inner.sm
     }
 
     /// The database holding the application's state, for reads.
@@ -262,26 +270,24 @@ impl<A: App> RaftNode<A> {
         }
     }
 
-    /// Commits `command` on this node, which must be the leader.
+    /// Commits `command` on this node, which must be the leader. The reply
+    /// comes once the applied command is durable (the state machine answers
+    /// its clients only after a WAL sync).
     pub async fn write_as_leader(&self, command: Vec<u8>) -> Result<Vec<u8>, RaftNodeError> {
         let t = self.inner.write_timeout;
         match timeout(t, self.raft().client_write(Command(command))).await {
             Err(_) => Err(RaftNodeError::NoQuorum(format!(
                 "the write was not committed within {t:?}"
             ))),
-            Ok(Ok(resp)) => {
-                // The state machine does not sync its writes: make them durable
-                // before anyone is told (one fsync shared by every waiting writer).
-                self.inner
-                    .log
-                    .sync()
-                    .await
-                    .map_err(|e| RaftNodeError::Storage(format!("syncing the applied write: {e}")))?;
-                Ok(resp.data.0)
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(RaftNodeError::NotLeader { leader: f.leader_id })
-            }
+            Ok(Ok(resp)) => Ok(resp.data.0),
+            // A discarded entry (this node lost leadership while the write
+            // waited) is retried through the new leader, as 0.9 did for
+            // entries the new leader overwrote. An entry discarded because a
+            // snapshot superseded it may have been committed: rare, and the
+            // retry may apply it twice (see docs/architecture.md).
+            Ok(Err(RaftError::APIError(
+                ClientWriteError::ForwardToLeader(f) | ClientWriteError::LogEntryDiscarded(f),
+            ))) => Err(RaftNodeError::NotLeader { leader: f.leader_id }),
             Ok(Err(RaftError::APIError(e))) => Err(RaftNodeError::Membership(e.to_string())),
             Ok(Err(RaftError::Fatal(e))) => Err(fatal(e)),
         }
@@ -318,15 +324,15 @@ impl<A: App> RaftNode<A> {
     /// index a linearizable read must observe.
     pub async fn leader_read_index(&self) -> Result<u64, RaftNodeError> {
         let t = self.inner.write_timeout;
-        match timeout(t, self.raft().ensure_linearizable()).await {
+        match timeout(t, self.raft().ensure_linearizable(ReadPolicy::ReadIndex)).await {
             Err(_) => Err(RaftNodeError::NoQuorum(format!(
                 "leadership not confirmed within {t:?}"
             ))),
-            Ok(Ok(read)) => Ok(read.map(|l| l.index).unwrap_or(0)),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+            Ok(Ok(read)) => Ok(read.log_id().index),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
                 Err(RaftNodeError::NotLeader { leader: f.leader_id })
             }
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e)))) => {
                 Err(RaftNodeError::NoQuorum(e.to_string()))
             }
             Ok(Err(RaftError::Fatal(e))) => Err(fatal(e)),
@@ -394,7 +400,7 @@ impl<A: App> RaftNode<A> {
                 .map_err(|s| RaftNodeError::Membership(s.message().to_string()))?;
             return Ok(());
         }
-        let membership = self.raft().metrics().borrow().membership_config.clone();
+        let membership = self.raft().metrics().borrow_watched().membership_config.clone();
         let is_voter = membership.membership().voter_ids().any(|v| v == id);
         if !is_voter {
             self.raft()
@@ -426,7 +432,7 @@ impl<A: App> RaftNode<A> {
                 .map_err(|s| RaftNodeError::Membership(s.message().to_string()))?;
             return Ok(());
         }
-        let membership = self.raft().metrics().borrow().membership_config.clone();
+        let membership = self.raft().metrics().borrow_watched().membership_config.clone();
         let m = membership.membership();
         let change = if m.voter_ids().any(|v| v == id) {
             if m.voter_ids().count() == 1 {
@@ -452,7 +458,7 @@ impl<A: App> RaftNode<A> {
 
     /// This node's status, with a digest of the application state.
     pub async fn status(&self) -> Result<NodeStatus, RaftNodeError> {
-        let m = self.raft().metrics().borrow().clone();
+        let m = self.raft().metrics().borrow_watched().clone();
         let (digest_at, digest) = self
             .inner
             .sm
@@ -503,7 +509,7 @@ impl<A: App> RaftNode<A> {
 
     /// The address of member `id`.
     pub fn addr_of(&self, id: NodeId) -> Result<String, RaftNodeError> {
-        let m = self.raft().metrics().borrow().membership_config.clone();
+        let m = self.raft().metrics().borrow_watched().membership_config.clone();
         m.membership()
             .get_node(&id)
             .map(|n| n.addr.clone())

@@ -8,36 +8,37 @@
 //! | `sm_state` | `last_applied`, `membership`, `installing` | bincode |
 //! | the application's own | whatever the [`App`] writes | |
 //!
-//! Durability: a vote is written with `sync` before `save_vote` returns.
-//! Appended entries are written at once (readable immediately) and reported
-//! durable only after a WAL sync; a syncer thread syncs once for every append
-//! waiting (group commit), so one fsync covers many entries under load.
-//! Each applied entry is one `WriteBatch` holding the application's writes
-//! plus `last_applied` (and the membership when it changes), written without
-//! a sync. A write's client is answered
-//! only after the syncer's next WAL sync (shared with log appends) has made
-//! its applied effects durable; an applied batch a crash loses is applied again
-//! from the log, which was durable first, and the log is purged only by a
-//! synced write, after every state-machine write before it.
+//! Durability (see `syncer.rs` for the group commit):
+//! - a vote is written with `sync` before `save_vote` returns;
+//! - appended entries are written at once without `sync` (readable
+//!   immediately) and reported flushed to openraft (`IOFlushed`) only after
+//!   the syncer's next WAL sync;
+//! - each applied entry is one `WriteBatch` holding the application's writes
+//!   plus `last_applied` (and the membership when it changes), written
+//!   without a sync; the clients waiting for the entries of an `apply` call
+//!   are answered by the syncer after its next WAL sync has made them
+//!   durable. Entries nobody waits for (on followers) are not synced: an
+//!   applied batch a crash loses is applied again from the log, which was
+//!   durable first, and the log is purged only by a synced write, after
+//!   every state-machine write before it.
+//!
 //! Snapshot installation is crash-safe: see [`snapshot`].
 //!
-//! RocksDB calls that write or scan run on tokio's blocking pool, never on the
-//! async workers.
+//! RocksDB calls that scan or may wait run on tokio's blocking pool, never on
+//! the async workers.
 
 mod log;
 mod snapshot;
 mod state_machine;
+mod syncer;
 
 pub use self::log::LogStore;
-pub use self::state_machine::{SnapshotBuilder, StateMachineStore};
+pub use self::state_machine::{Snapshot, SnapshotBuilder, StateMachineStore};
 
 use std::path::Path;
 use std::sync::Arc;
 
-use openraft::{AnyError, StorageError, StorageIOError};
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
-
-use crate::NodeId;
 
 pub(crate) const CF_LOG: &str = "raft_log";
 pub(crate) const CF_RAFT: &str = "raft_state";
@@ -70,15 +71,11 @@ pub fn open_db(path: &Path, app_cfs: &[&str]) -> Result<Arc<DB>, rocksdb::Error>
 }
 
 /// Opens the log store and state machine of a node whose data lives in `dir`.
-pub async fn open<A: App>(
-    dir: &Path,
-    app: A,
-) -> Result<(LogStore, StateMachineStore<A>), StorageError<NodeId>> {
-    std::fs::create_dir_all(dir).map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
-    let db = open_db(&dir.join("db"), app.column_families())
-        .map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+pub async fn open<A: App>(dir: &Path, app: A) -> std::io::Result<(LogStore, StateMachineStore<A>)> {
+    std::fs::create_dir_all(dir)?;
+    let db = open_db(&dir.join("db"), app.column_families()).map_err(std::io::Error::other)?;
     let log = LogStore::new(db.clone());
-    let sm = StateMachineStore::open(db, dir.join("snapshots"), app).await?;
+    let sm = StateMachineStore::open(db, dir.join("snapshots"), app, log.syncer()).await?;
     Ok((log, sm))
 }
 

@@ -1,72 +1,92 @@
 //! The RocksDB log store and state machine against openraft's own storage
 //! test suite, plus crash-safety of snapshot installation.
 
+mod common;
+
+use common::Kv;
+use futures::stream;
 use granary_raft::store::{self, LogStore, StateMachineStore};
-use granary_raft::{App, NodeId, TypeConfig};
+use granary_raft::TypeConfig;
+use openraft::impls::leader_id_adv::LeaderId;
 use openraft::storage::RaftStateMachine;
-use openraft::testing::{StoreBuilder, Suite};
-use openraft::{
-    CommittedLeaderId, Entry, EntryPayload, LogId, Membership, RaftSnapshotBuilder, StorageError,
-};
-use rocksdb::{WriteBatch, DB};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::type_config::TypeConfigExt;
+use openraft::{Entry, EntryPayload, LogId, Membership, RaftSnapshotBuilder, StorageError};
 use tempfile::TempDir;
-
-/// A key-value application: a command `key=value` stores value under key.
-struct Kv;
-
-impl App for Kv {
-    fn column_families(&self) -> &'static [&'static str] {
-        &["kv"]
-    }
-
-    fn apply(&self, db: &DB, batch: &mut WriteBatch, index: u64, command: &[u8]) -> Vec<u8> {
-        let cf = db.cf_handle("kv").unwrap();
-        let text = String::from_utf8_lossy(command);
-        let (k, v) = text.split_once('=').unwrap_or((&text, ""));
-        batch.put_cf(cf, k.as_bytes(), v.as_bytes());
-        index.to_be_bytes().to_vec()
-    }
-}
 
 struct Builder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore<Kv>, TempDir> for Builder {
-    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore<Kv>), StorageError<NodeId>> {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore<Kv>), StorageError<TypeConfig>> {
         let dir = TempDir::new().expect("temp dir");
-        let (log, sm) = store::open(dir.path(), Kv).await?;
+        let (log, sm) = store::open(dir.path(), Kv)
+            .await
+            .map_err(|e| StorageError::write(TypeConfig::err_from_error(&e)))?;
         Ok((dir, log, sm))
     }
 }
 
-#[test]
-fn openraft_storage_suite() {
-    Suite::test_all(Builder).unwrap();
+#[tokio::test]
+async fn openraft_storage_suite() {
+    Suite::test_all(Builder).await.unwrap();
 }
 
-fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry<TypeConfig> {
+type KvEntry = openraft::type_config::alias::EntryOf<TypeConfig>;
+
+fn entry(index: u64, payload: openraft::type_config::alias::PayloadOf<TypeConfig>) -> KvEntry {
     Entry {
-        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        log_id: LogId::new(LeaderId { term: 1, node_id: 1 }, index),
         payload,
     }
 }
 
-fn kv(index: u64, k: &str, v: &str) -> Entry<TypeConfig> {
+/// Applies `entries` the way openraft does (a stream, no client waiting).
+async fn apply(sm: &mut StateMachineStore<Kv>, entries: Vec<KvEntry>) {
+    let items = entries.into_iter().map(|e| Ok((e, None)));
+    sm.apply(stream::iter(items)).await.unwrap();
+}
+
+fn kv(index: u64, k: &str, v: &str) -> KvEntry {
     entry(
         index,
         EntryPayload::Normal(granary_raft::Command(format!("{k}={v}").into_bytes())),
     )
 }
 
+/// Copies a snapshot into a receiving file of `to`, as the peer service does.
+async fn receive(
+    to: &StateMachineStore<Kv>,
+    snapshot: store::Snapshot,
+    damage: bool,
+) -> (
+    openraft::type_config::alias::SnapshotMetaOf<TypeConfig>,
+    tokio::fs::File,
+) {
+    let mut bytes = Vec::new();
+    let mut src = snapshot.snapshot;
+    tokio::io::AsyncReadExt::read_to_end(&mut src, &mut bytes)
+        .await
+        .unwrap();
+    if damage {
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+    }
+    let mut recv = to.snapshot_receiver().await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut recv, &bytes)
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::flush(&mut recv).await.unwrap();
+    (snapshot.meta, recv)
+}
+
 #[tokio::test]
 async fn snapshot_transfer_replaces_state_and_survives_a_crash_mid_install() {
     let a_dir = TempDir::new().unwrap();
     let (_, mut a) = store::open(a_dir.path(), Kv).await.unwrap();
-    let members = Membership::new(vec![[1u64].into()], None);
+    let members = Membership::new_with_defaults(vec![[1u64].into()], []);
     let mut entries = vec![entry(1, EntryPayload::Membership(members))];
     entries.extend((2..2000).map(|i| kv(i, &format!("key{i:05}"), &"v".repeat(100))));
-    let responses = a.apply(entries).await.unwrap();
-    assert_eq!(responses.len(), 1999);
-    assert_eq!(responses[5].0, 6u64.to_be_bytes(), "response of entry 6");
+    apply(&mut a, entries).await;
     let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
     let (a_at, a_digest) = a.digest().await.unwrap();
     assert_eq!(a_at.unwrap().index, 1999);
@@ -75,14 +95,14 @@ async fn snapshot_transfer_replaces_state_and_survives_a_crash_mid_install() {
     let b_dir = TempDir::new().unwrap();
     {
         let (_, mut b) = store::open(b_dir.path(), Kv).await.unwrap();
-        b.apply(vec![kv(1, "stale", "x")]).await.unwrap();
-        let mut recv = b.begin_receiving_snapshot().await.unwrap();
-        let mut src = snap.snapshot;
-        tokio::io::copy(&mut src, &mut *recv).await.unwrap();
-        b.install_snapshot(&snap.meta, recv).await.unwrap();
+        apply(&mut b, vec![kv(1, "stale", "x")]).await;
+        let (meta, recv) = receive(&b, snap, false).await;
+        let recv = b.check_received(recv, &meta).await.unwrap();
+        b.install_snapshot(&meta, recv).await.unwrap();
         let (b_at, b_digest) = b.digest().await.unwrap();
         assert_eq!((b_at, b_digest), (a_at, a_digest));
         assert_eq!(b.applied_state().await.unwrap().0, a_at);
+        assert_eq!(b.get_current_snapshot().await.unwrap().unwrap().meta, meta);
     }
 
     // Simulate a crash in the middle of loading: half-wiped state plus the marker.
@@ -106,24 +126,36 @@ async fn snapshot_transfer_replaces_state_and_survives_a_crash_mid_install() {
 async fn a_damaged_snapshot_transfer_is_refused() {
     let a_dir = TempDir::new().unwrap();
     let (_, mut a) = store::open(a_dir.path(), Kv).await.unwrap();
-    a.apply(vec![kv(1, "k", "v"), kv(2, "k2", "v2")]).await.unwrap();
-    let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    apply(&mut a, vec![kv(1, "k", "v"), kv(2, "k2", "v2")]).await;
     let b_dir = TempDir::new().unwrap();
     let (_, mut b) = store::open(b_dir.path(), Kv).await.unwrap();
-    b.apply(vec![kv(1, "mine", "1")]).await.unwrap();
+    apply(&mut b, vec![kv(1, "mine", "1")]).await;
     let before = b.digest().await.unwrap();
-    let mut recv = b.begin_receiving_snapshot().await.unwrap();
-    let mut bytes = Vec::new();
-    let mut src = snap.snapshot;
-    tokio::io::AsyncReadExt::read_to_end(&mut src, &mut bytes)
-        .await
-        .unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 1;
-    tokio::io::AsyncWriteExt::write_all(&mut *recv, &bytes)
-        .await
-        .unwrap();
-    let err = b.install_snapshot(&snap.meta, recv).await.unwrap_err();
+
+    // Refused on receipt, before openraft sees it...
+    let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let (meta, recv) = receive(&b, snap, true).await;
+    let err = b.check_received(recv, &meta).await.unwrap_err();
+    assert!(err.to_string().contains("checksum mismatch"), "{err}");
+
+    // ...and by the install itself.
+    let snap = a.get_current_snapshot().await.unwrap().unwrap();
+    let (meta, recv) = receive(&b, snap, true).await;
+    let err = b.install_snapshot(&meta, recv).await.unwrap_err();
     assert!(err.to_string().contains("checksum mismatch"), "{err}");
     assert_eq!(b.digest().await.unwrap(), before, "state unchanged");
+}
+
+#[tokio::test]
+async fn a_snapshot_for_other_entries_is_refused_on_receipt() {
+    let a_dir = TempDir::new().unwrap();
+    let (_, mut a) = store::open(a_dir.path(), Kv).await.unwrap();
+    apply(&mut a, vec![kv(1, "k", "v"), kv(2, "k2", "v2")]).await;
+    let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let b_dir = TempDir::new().unwrap();
+    let (_, b) = store::open(b_dir.path(), Kv).await.unwrap();
+    let (mut meta, recv) = receive(&b, snap, false).await;
+    meta.last_log_id = Some(LogId::new(LeaderId { term: 1, node_id: 1 }, 7));
+    let err = b.check_received(recv, &meta).await.unwrap_err();
+    assert!(err.to_string().contains("the leader announced"), "{err}");
 }

@@ -107,8 +107,7 @@ impl Cluster {
 
     /// True while this node is the Raft leader.
     pub fn is_leader(&self) -> bool {
-        let id = self.inner.node.id();
-        self.inner.node.raft().metrics().borrow().current_leader == Some(id)
+        self.inner.node.is_leader()
     }
 
     /// Commits a command through Raft and returns its reply.

@@ -1,20 +1,27 @@
-//! openraft's `RaftNetwork` over the `RaftPeer` gRPC client.
+//! openraft's `RaftNetworkV2` over the `RaftPeer` gRPC client.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
 use std::sync::{Arc, Mutex};
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::error::{NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::type_config::alias::VoteOf;
+use openraft::type_config::TypeConfigExt;
+use openraft::{BasicNode, RaftNetworkV2, StorageError};
 use serde::de::DeserializeOwned;
+use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::proto::raft_peer_client::RaftPeerClient;
-use crate::proto::Bytes;
+use crate::proto::snapshot_chunk::Part;
+use crate::proto::{Bytes, SnapshotChunk};
+use crate::store::Snapshot;
 use crate::{NodeId, TypeConfig};
 
 /// gRPC channels to peers, one per address, shared by every user.
@@ -52,9 +59,8 @@ pub struct NetworkFactory {
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+    async fn new_client(&mut self, _target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
-            target,
             addr: node.addr.clone(),
             client: self.channels.peer(&node.addr).ok(),
         }
@@ -63,16 +69,21 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
 /// openraft's connection to one peer.
 pub struct PeerClient {
-    target: NodeId,
     addr: String,
     client: Option<RaftPeerClient<Channel>>,
 }
+
+/// Snapshot chunks queued ahead of the transport: a little read-ahead, so
+/// disk and network overlap, without holding much of the snapshot in memory.
+const CHUNKS_AHEAD: usize = 2;
+/// Chunk size when openraft suggests none.
+const DEFAULT_CHUNK: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Msg(String);
 
-fn status_error<E: std::error::Error>(addr: &str, s: tonic::Status) -> RPCError<NodeId, BasicNode, E> {
+fn status_error(addr: &str, s: tonic::Status) -> RPCError<TypeConfig> {
     let e = Msg(format!("peer {addr}: {}", s.message()));
     match s.code() {
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
@@ -82,8 +93,25 @@ fn status_error<E: std::error::Error>(addr: &str, s: tonic::Status) -> RPCError<
     }
 }
 
+fn network_error(e: impl std::error::Error + 'static) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&e))
+}
+
+/// A peer whose Raft failed or stopped cannot take part until it restarts:
+/// back off from it as from an unreachable one.
+fn remote_stopped(addr: &str, e: impl std::fmt::Display) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(&Msg(format!("peer {addr}: {e}"))))
+}
+
 impl PeerClient {
-    async fn call<Req, Resp, E>(
+    fn client(&mut self) -> Result<&mut RaftPeerClient<Channel>, RPCError<TypeConfig>> {
+        let addr = &self.addr;
+        self.client.as_mut().ok_or_else(|| {
+            RPCError::Unreachable(Unreachable::new(&Msg(format!("invalid peer address '{addr}'"))))
+        })
+    }
+
+    async fn call<Req, Resp>(
         &mut self,
         req: &Req,
         option: &RPCOption,
@@ -91,55 +119,129 @@ impl PeerClient {
             &mut RaftPeerClient<Channel>,
             tonic::Request<Bytes>,
         ) -> Result<tonic::Response<Bytes>, tonic::Status>,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: serde::Serialize,
         Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
     {
         let addr = self.addr.clone();
-        let client = self.client.as_mut().ok_or_else(|| {
-            RPCError::Unreachable(Unreachable::new(&Msg(format!("invalid peer address '{addr}'"))))
-        })?;
-        let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let data = bincode::serialize(req).map_err(network_error)?;
         let mut request = tonic::Request::new(Bytes { data });
+        // The hard TTL, as under 0.9 (openraft does not enforce it itself):
+        // for AppendEntries it is the heartbeat interval, 150 ms, and a large
+        // batch on a loaded machine needs every bit of it.
         request.set_timeout(option.hard_ttl());
-        let reply = method(client, request)
+        let reply = method(self.client()?, request)
             .await
             .map_err(|s| status_error(&addr, s))?;
-        let result: Result<Resp, RaftError<NodeId, E>> = bincode::deserialize(&reply.into_inner().data)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        let result: Result<Resp, RaftError<TypeConfig>> =
+            bincode::deserialize(&reply.into_inner().data).map_err(network_error)?;
+        result.map_err(|e| remote_stopped(&addr, e))
     }
 }
 
-impl RaftNetwork<TypeConfig> for PeerClient {
+/// Queues `header`, then the file's bytes in chunks of `chunk` bytes,
+/// noting the time each time the transport takes one.
+async fn read_chunks(
+    mut file: tokio::fs::File,
+    header: Vec<u8>,
+    chunk: usize,
+    tx: tokio::sync::mpsc::Sender<SnapshotChunk>,
+    progress: Arc<Mutex<Instant>>,
+) -> io::Result<()> {
+    let closed = || io::Error::other("the snapshot transfer ended early");
+    tx.send(SnapshotChunk {
+        part: Some(Part::Header(header)),
+    })
+    .await
+    .map_err(|_| closed())?;
+    loop {
+        let mut data = Vec::with_capacity(chunk);
+        (&mut file).take(chunk as u64).read_to_end(&mut data).await?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        tx.send(SnapshotChunk {
+            part: Some(Part::Data(data)),
+        })
+        .await
+        .map_err(|_| closed())?;
+        *progress.lock().expect("progress lock") = Instant::now();
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = tokio::fs::File;
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.call(&rpc, &option, async |c, r| c.append_entries(r).await)
-            .await
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        self.call(&rpc, &option, async |c, r| c.install_snapshot(r).await)
             .await
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.call(&rpc, &option, async |c, r| c.vote(r).await).await
+    }
+
+    /// Streams the snapshot file in chunks over one client-streaming call;
+    /// the follower writes them to a file, checks it and installs it.
+    ///
+    /// `option.hard_ttl()` (`install_snapshot_timeout`) bounds how long the
+    /// transport may go without taking the next chunk. Once every chunk is sent the follower installs
+    /// the snapshot, which takes as long as the snapshot is large; that wait
+    /// is bounded by the channel's HTTP/2 keep-alive (a dead peer) and by
+    /// `cancel`, not by a timeout.
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let addr = self.addr.clone();
+        let header = bincode::serialize(&(&vote, &snapshot.meta)).map_err(network_error)?;
+        let chunk = option
+            .snapshot_chunk_size()
+            .unwrap_or(DEFAULT_CHUNK)
+            .clamp(64 << 10, super::MAX_MESSAGE / 2);
+        let idle = option.hard_ttl();
+        let progress = Arc::new(Mutex::new(Instant::now()));
+        let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_AHEAD);
+        let reader = read_chunks(snapshot.snapshot, header, chunk, tx, progress.clone());
+        let client = self.client()?;
+        let call = client.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx));
+        tokio::pin!(reader, call, cancel);
+        let mut all_sent = false;
+        let reply = loop {
+            let stalled_at = *progress.lock().expect("progress lock") + idle;
+            tokio::select! {
+                reply = &mut call => break reply,
+                read = &mut reader, if !all_sent => match read {
+                    Ok(()) => all_sent = true,
+                    Err(e) => {
+                        let e = StorageError::read_snapshot(None, TypeConfig::err_from_error(&e));
+                        return Err(StreamingError::StorageError(e));
+                    }
+                },
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                _ = tokio::time::sleep_until(stalled_at), if !all_sent => {
+                    if progress.lock().expect("progress lock").elapsed() >= idle {
+                        let e = Msg(format!("peer {addr}: the snapshot transfer made no progress for {idle:?}"));
+                        return Err(StreamingError::Unreachable(Unreachable::new(&e)));
+                    }
+                }
+            }
+        };
+        let reply = reply.map_err(|s| status_error(&addr, s))?;
+        let result: Result<SnapshotResponse<TypeConfig>, openraft::error::Fatal<TypeConfig>> =
+            bincode::deserialize(&reply.into_inner().data).map_err(network_error)?;
+        result.map_err(|e| remote_stopped(&addr, e).into())
     }
 }

@@ -1,12 +1,16 @@
 //! The `RaftPeer` gRPC service: openraft RPCs plus write forwarding, read
 //! index, membership and status for the rest of the cluster.
 
-use tonic::{Request, Response, Status};
+use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::node::RaftNode;
 use crate::proto::raft_peer_server::{RaftPeer, RaftPeerServer};
-use crate::proto::{Bytes, Empty, JoinRequest, ReadIndexReply, RemoveRequest};
-use crate::store::App;
+use crate::proto::snapshot_chunk::Part;
+use crate::proto::{Bytes, Empty, JoinRequest, ReadIndexReply, RemoveRequest, SnapshotChunk};
+use crate::store::{App, Snapshot};
+use crate::TypeConfig;
 
 /// Serves the peer protocol for one node.
 pub struct PeerService<A: App> {
@@ -45,9 +49,48 @@ impl<A: App> RaftPeer for PeerService<A> {
         encode(&self.node.raft().vote(rpc).await)
     }
 
-    async fn install_snapshot(&self, req: Request<Bytes>) -> Result<Response<Bytes>, Status> {
-        let rpc = decode(req)?;
-        encode(&self.node.raft().install_snapshot(rpc).await)
+    /// Receives a snapshot into an unnamed temp file, checks it, then hands
+    /// it to openraft, which installs it if the sender is still the leader.
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<Bytes>, Status> {
+        let mut chunks = req.into_inner();
+        let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) = match chunks.message().await? {
+            Some(SnapshotChunk {
+                part: Some(Part::Header(header)),
+            }) => bincode::deserialize(&header)
+                .map_err(|e| Status::invalid_argument(format!("malformed snapshot header: {e}")))?,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a snapshot transfer must start with its header",
+                ))
+            }
+        };
+        let sm = self.node.state_machine();
+        let receive_err = |e: std::io::Error| Status::internal(format!("receiving a snapshot: {e}"));
+        let mut file = sm.snapshot_receiver().await.map_err(receive_err)?;
+        while let Some(chunk) = chunks.message().await? {
+            let Some(Part::Data(data)) = chunk.part else {
+                return Err(Status::invalid_argument(
+                    "a snapshot transfer has one header, first",
+                ));
+            };
+            file.write_all(&data).await.map_err(receive_err)?;
+        }
+        file.flush().await.map_err(receive_err)?;
+        // Checked here so that a damaged transfer is an error the leader
+        // retries, not a failed install, which openraft treats as fatal.
+        let snapshot = sm
+            .check_received(file, &meta)
+            .await
+            .map_err(|e| Status::data_loss(e.to_string()))?;
+        let result = self
+            .node
+            .raft()
+            .install_full_snapshot(vote, Snapshot { meta, snapshot })
+            .await;
+        encode(&result)
     }
 
     async fn forward_write(&self, req: Request<Bytes>) -> Result<Response<Bytes>, Status> {

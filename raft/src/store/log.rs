@@ -1,85 +1,58 @@
 //! The Raft log and vote (openraft `RaftLogStorage`).
 
 use std::fmt::Debug;
+use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{AnyError, Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
+use openraft::RaftLogReader;
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 
+use super::syncer::Syncer;
 use super::{blocking, cf, CF_LOG, CF_RAFT};
-use crate::{NodeId, TypeConfig};
+use crate::TypeConfig;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
+type Entry = EntryOf<TypeConfig>;
+type LogId = LogIdOf<TypeConfig>;
+type Vote = VoteOf<TypeConfig>;
+
 /// The log store; cheap to clone (shares the database).
 ///
 /// Appends use group commit: `append` writes the entries without `sync`
 /// (so they are readable at once, as openraft requires) and hands the
-/// durability callback to a syncer thread. The syncer collects every request
-/// that is waiting, syncs the WAL once (`flush_wal(true)`), and reports all of
-/// them durable. While one fsync runs, the next entries queue up behind it, so
-/// under load one fsync covers many entries instead of one each.
-///
-/// The same syncer serves [`LogStore::sync`]: the state machine's writes go to
-/// the same WAL, so a write waits there for its applied effects to be durable
-/// before its client is answered, sharing the fsync with the log's appends.
+/// flush callback to the syncer (`syncer.rs`), which reports them flushed after its
+/// next WAL sync. openraft 0.10 does not wait for that callback before it
+/// takes the next writes, so while one fsync runs the next entries queue up
+/// behind it, and under load one fsync covers many entries.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    syncer: std::sync::mpsc::Sender<SyncRequest>,
-}
-
-/// Something waiting for the WAL to be synced.
-enum SyncRequest {
-    /// Entries openraft appended.
-    Append(LogFlushed<TypeConfig>),
-    /// Everything written before the request (see [`LogStore::sync`]).
-    Barrier(tokio::sync::oneshot::Sender<Result<(), String>>),
-}
-
-/// Syncs the WAL for every waiting request at once, then completes them.
-///
-/// It holds the database weakly: the thread may outlive the stores (it ends
-/// only when every sender is gone), and the database must close when its
-/// owners drop it, not whenever this thread happens to finish — RocksDB
-/// closing while the process exits aborts it.
-fn run_syncer(db: std::sync::Weak<DB>, rx: std::sync::mpsc::Receiver<SyncRequest>) {
-    while let Ok(first) = rx.recv() {
-        let mut waiting = vec![first];
-        waiting.extend(rx.try_iter());
-        let result = match db.upgrade() {
-            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
-            None => Err("the log database is closed".to_string()),
-        };
-        for request in waiting {
-            match request {
-                SyncRequest::Append(cb) => cb.log_io_completed(result.clone().map_err(std::io::Error::other)),
-                SyncRequest::Barrier(tx) => {
-                    let _ = tx.send(result.clone());
-                }
-            }
-        }
-    }
+    syncer: Syncer,
 }
 
 fn key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-fn index_of(key: &[u8]) -> u64 {
-    u64::from_be_bytes(key.try_into().expect("log keys are 8 bytes"))
+fn index_of(key: &[u8]) -> io::Result<u64> {
+    let bytes = key
+        .try_into()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a raft log key is not 8 bytes"))?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
-fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
-    StorageIOError::read_logs(AnyError::new(&e)).into()
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
+    bincode::deserialize(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
-    StorageIOError::write_logs(AnyError::new(&e)).into()
+fn encode<T: serde::Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    bincode::serialize(v).map_err(io::Error::other)
 }
 
 fn synced() -> WriteOptions {
@@ -90,46 +63,37 @@ fn synced() -> WriteOptions {
 
 impl LogStore {
     pub(crate) fn new(db: Arc<DB>) -> Self {
-        let (syncer, rx) = std::sync::mpsc::channel();
-        let sync_db = Arc::downgrade(&db);
-        std::thread::Builder::new()
-            .name("granary-log-sync".into())
-            .spawn(move || run_syncer(sync_db, rx))
-            .expect("spawn the log syncer thread");
+        let syncer = Syncer::start(&db);
         Self { db, syncer }
     }
 
-    /// Returns once every write made to the database before the call is
-    /// durable (one WAL sync, shared with every append and caller waiting).
-    pub async fn sync(&self) -> Result<(), String> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.syncer
-            .send(SyncRequest::Barrier(tx))
-            .map_err(|_| "the log syncer stopped".to_string())?;
-        rx.await.map_err(|_| "the log syncer stopped".to_string())?
+    /// The syncer, for the state machine's writes.
+    pub(crate) fn syncer(&self) -> Syncer {
+        self.syncer.clone()
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
-        match self.db.get_cf(cf(&self.db, CF_RAFT), k).map_err(read_err)? {
-            Some(v) => Ok(Some(bincode::deserialize(&v).map_err(read_err)?)),
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> io::Result<Option<T>> {
+        match self
+            .db
+            .get_cf(cf(&self.db, CF_RAFT), k)
+            .map_err(io::Error::other)?
+        {
+            Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
     }
 
-    async fn put_meta<T: serde::Serialize>(
-        &self,
-        k: &'static [u8],
-        v: &T,
-        sync: bool,
-    ) -> Result<(), StorageError<NodeId>> {
-        let bytes = bincode::serialize(v).map_err(write_err)?;
+    /// Deletes every entry from `index` on, synced.
+    async fn delete_from(&self, index: u64) -> io::Result<()> {
         let db = self.db.clone();
         blocking(move || {
-            let opts = if sync { synced() } else { WriteOptions::default() };
-            db.put_cf_opt(cf(&db, CF_RAFT), k, bytes, &opts)
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(cf(&db, CF_LOG), key(index), key(u64::MAX));
+            batch.delete_cf(cf(&db, CF_LOG), key(u64::MAX));
+            db.write_opt(batch, &synced())
         })
         .await
-        .map_err(write_err)
+        .map_err(io::Error::other)
     }
 }
 
@@ -137,7 +101,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+    ) -> io::Result<Vec<Entry>> {
         let start = match range.start_bound() {
             Bound::Included(x) => *x,
             Bound::Excluded(x) => x + 1,
@@ -149,29 +113,33 @@ impl RaftLogReader<TypeConfig> for LogStore {
             IteratorMode::From(&key(start), Direction::Forward),
         );
         for item in it {
-            let (k, v) = item.map_err(read_err)?;
-            if !range.contains(&index_of(&k)) {
+            let (k, v) = item.map_err(io::Error::other)?;
+            if !range.contains(&index_of(&k)?) {
                 break;
             }
-            entries.push(bincode::deserialize(&v).map_err(read_err)?);
+            entries.push(decode(&v)?);
         }
         Ok(entries)
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        self.get_meta(KEY_VOTE)
     }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
-        let last_purged: Option<LogId<NodeId>> = self.get_meta(KEY_LAST_PURGED)?;
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
         let last = match self
             .db
             .iterator_cf(cf(&self.db, CF_LOG), IteratorMode::End)
             .next()
         {
             Some(item) => {
-                let (_, v) = item.map_err(read_err)?;
-                let entry: Entry<TypeConfig> = bincode::deserialize(&v).map_err(read_err)?;
+                let (_, v) = item.map_err(io::Error::other)?;
+                let entry: Entry = decode(&v)?;
                 Some(entry.log_id)
             }
             None => None,
@@ -186,73 +154,57 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.put_meta(KEY_VOTE, vote, true)
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
+        let bytes = encode(vote)?;
+        let db = self.db.clone();
+        blocking(move || db.put_cf_opt(cf(&db, CF_RAFT), KEY_VOTE, bytes, &synced()))
             .await
-            .map_err(|_| StorageIOError::write_vote(AnyError::error("cannot persist the vote")).into())
+            .map_err(|e| io::Error::other(format!("cannot persist the vote: {e}")))
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        self.get_meta(KEY_VOTE)
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
         // Called by openraft's core for every commit it sees, and the core
         // waits for it: written inline and unsynced (like `append`), not through
         // the blocking pool, whose thread hand-off would delay every commit.
-        let bytes = bincode::serialize(&committed).map_err(write_err)?;
+        // Losing it in a crash only means re-learning the commit from the leader.
+        let bytes = encode(&committed)?;
         self.db
             .put_cf(cf(&self.db, CF_RAFT), KEY_COMMITTED, bytes)
-            .map_err(write_err)
+            .map_err(io::Error::other)
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        Ok(self.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
+        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError<NodeId>>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
         let mut batch = WriteBatch::default();
-        for entry in entries {
-            let v = bincode::serialize(&entry).map_err(write_err)?;
-            batch.put_cf(cf(&self.db, CF_LOG), key(entry.log_id.index), v);
+        let written = (|| {
+            for entry in entries {
+                batch.put_cf(cf(&self.db, CF_LOG), key(entry.log_id.index), encode(&entry)?);
+            }
+            // Unsynced: fast, and readable as soon as this returns; the syncer makes it durable.
+            self.db.write(batch).map_err(io::Error::other)
+        })();
+        match written {
+            Ok(()) => self.syncer.flushed(callback),
+            Err(e) => {
+                callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
+                Err(e)
+            }
         }
-        // Unsynced: fast, and readable as soon as this returns; the syncer makes it durable.
-        if let Err(e) = self.db.write(batch) {
-            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-            return Err(write_err(e));
-        }
-        if let Err(std::sync::mpsc::SendError(SyncRequest::Append(callback))) =
-            self.syncer.send(SyncRequest::Append(callback))
-        {
-            let e = std::io::Error::other("the log syncer stopped");
-            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-            return Err(write_err(e));
-        }
-        Ok(())
     }
 
-    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let db = self.db.clone();
-        blocking(move || {
-            let mut batch = WriteBatch::default();
-            batch.delete_range_cf(cf(&db, CF_LOG), key(log_id.index), key(u64::MAX));
-            batch.delete_cf(cf(&db, CF_LOG), key(u64::MAX));
-            db.write_opt(batch, &synced())
-        })
-        .await
-        .map_err(write_err)
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
+        self.delete_from(last_log_id.map_or(0, |l| l.index + 1)).await
     }
 
-    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let v = bincode::serialize(&log_id).map_err(write_err)?;
+    async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
+        let v = encode(&log_id)?;
         let db = self.db.clone();
         blocking(move || {
             let mut batch = WriteBatch::default();
@@ -261,6 +213,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             db.write_opt(batch, &synced())
         })
         .await
-        .map_err(write_err)
+        .map_err(io::Error::other)
     }
 }

@@ -23,14 +23,16 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use openraft::{BasicNode, LogId, SnapshotMeta, StoredMembership};
+use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, StoredMembershipOf};
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
 use super::{cf, CF_SM};
-use crate::NodeId;
+use crate::TypeConfig;
 
 pub(crate) const CURRENT: &str = "current.snap";
+/// How errors name a received snapshot (an unnamed temp file).
+pub(crate) const RECEIVED: &str = "(received)";
 const MAGIC: &[u8; 8] = b"GRSNAP01";
 const END: u8 = 0xFF;
 pub(crate) const KEY_LAST_APPLIED: &[u8] = b"last_applied";
@@ -39,9 +41,9 @@ pub(crate) const KEY_INSTALLING: &[u8] = b"installing";
 /// Flush a load batch once it holds this many bytes.
 const LOAD_BATCH_BYTES: usize = 4 << 20;
 
-pub(crate) type Meta = SnapshotMeta<NodeId, BasicNode>;
+pub(crate) type Meta = SnapshotMetaOf<TypeConfig>;
 /// The last applied log id and the membership it implies.
-pub(crate) type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
+pub(crate) type AppliedState = (Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>);
 
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Header {
@@ -88,8 +90,8 @@ pub(crate) fn applied_state(
         None => None,
     };
     let membership = match get(KEY_MEMBERSHIP).map_err(io::Error::other)? {
-        Some(v) => bincode::deserialize(&v).map_err(decode_err)?,
-        None => StoredMembership::default(),
+        Some(v) => bincode::deserialize::<StoredMembershipOf<TypeConfig>>(&v).map_err(decode_err)?,
+        None => StoredMembershipOf::<TypeConfig>::default(),
     };
     Ok((last, membership))
 }
@@ -99,28 +101,22 @@ pub(crate) fn build(db: &DB, app_cfs: &[&str], dir: &Path) -> io::Result<Meta> {
     std::fs::create_dir_all(dir)?;
     let snap = db.snapshot();
     let (last_log_id, last_membership) = applied_state(|k| snap.get_cf(cf(db, CF_SM), k))?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let snapshot_id = match &last_log_id {
-        Some(l) => format!("{}-{}-{nanos}", l.leader_id.term, l.index),
-        None => format!("0-0-{nanos}"),
-    };
     let meta = Meta {
         last_log_id,
         last_membership,
-        snapshot_id,
     };
     let header = serde_json::to_vec(&Header {
         meta: meta.clone(),
         cfs: app_cfs.iter().map(|s| s.to_string()).collect(),
     })
     .map_err(io::Error::other)?;
-    let tmp = dir.join(format!("build-{}.tmp", meta.snapshot_id));
-    let file = File::create(&tmp)?;
+    // Removed if the build fails; a crash may leave it behind (`build-*.tmp`).
+    let tmp = tempfile::Builder::new()
+        .prefix("build-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
     let mut w = Hashing {
-        inner: BufWriter::with_capacity(1 << 20, file),
+        inner: BufWriter::with_capacity(1 << 20, tmp),
         hasher: blake3::Hasher::new(),
     };
     w.write_all(MAGIC)?;
@@ -140,9 +136,9 @@ pub(crate) fn build(db: &DB, app_cfs: &[&str], dir: &Path) -> io::Result<Meta> {
     let hash = w.hasher.finalize();
     let mut inner = w.inner;
     inner.write_all(hash.as_bytes())?;
-    let file = inner.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, dir.join(CURRENT))?;
+    let tmp = inner.into_inner().map_err(|e| e.into_error())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(dir.join(CURRENT)).map_err(|e| e.error)?;
     sync_dir(dir)?;
     Ok(meta)
 }
@@ -167,7 +163,7 @@ pub(crate) fn read_header(file: &mut File, path: &Path) -> io::Result<Header> {
 }
 
 /// Checks the trailing BLAKE3 of a snapshot file.
-fn verify(file: &mut File, path: &Path) -> io::Result<()> {
+pub(crate) fn verify(file: &mut File, path: &Path) -> io::Result<()> {
     let len = file.seek(SeekFrom::End(0))?;
     if len < 8 + 4 + 1 + 32 {
         return Err(bad(path, "truncated"));
@@ -190,7 +186,7 @@ fn verify(file: &mut File, path: &Path) -> io::Result<()> {
 /// Verifies a received snapshot, makes it current and loads it (steps 1-5).
 pub(crate) fn install(db: &DB, app_cfs: &[&str], dir: &Path, received: &mut File) -> io::Result<Header> {
     std::fs::create_dir_all(dir)?;
-    let label = dir.join("(received)");
+    let label = dir.join(RECEIVED);
     verify(received, &label)?;
     let tmp = dir.join("install.tmp");
     let mut out = File::create(&tmp)?;
