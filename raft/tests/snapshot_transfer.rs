@@ -79,3 +79,50 @@ async fn a_joining_node_catches_up_through_a_snapshot_sent_in_chunks() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A snapshot for a peer that cannot be reached must fail as a network error,
+/// which openraft retries. (It once failed as a storage error when the
+/// transport dropped the chunk stream before the call reported why, and
+/// openraft stops a node on a storage error: a follower being down took the
+/// leader's Raft down with it.)
+#[tokio::test]
+async fn snapshot_to_an_unreachable_peer_is_a_network_error() {
+    use granary_raft::network::NetworkFactory;
+    use granary_raft::TypeConfig;
+    use openraft::error::StreamingError;
+    use openraft::network::{RPCOption, RaftNetworkFactory};
+    use openraft::type_config::alias::VoteOf;
+    use openraft::{BasicNode, RaftNetworkV2};
+
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("snap");
+    std::fs::write(&path, vec![7u8; 4 << 20]).unwrap();
+    // A loopback port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut client = NetworkFactory::default()
+        .new_client(2, &BasicNode::new(format!("127.0.0.1:{port}")))
+        .await;
+    for _ in 0..20 {
+        let snapshot = granary_raft::store::Snapshot {
+            meta: Default::default(),
+            snapshot: tokio::fs::File::open(&path).await.unwrap(),
+        };
+        let err = client
+            .full_snapshot(
+                VoteOf::<TypeConfig>::new(1, 1),
+                snapshot,
+                std::future::pending(),
+                RPCOption::new(Duration::from_secs(5)),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StreamingError::Unreachable(_) | StreamingError::Network(_)),
+            "{err}"
+        );
+    }
+}

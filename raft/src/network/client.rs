@@ -142,6 +142,11 @@ impl PeerClient {
 
 /// Queues `header`, then the file's bytes in chunks of `chunk` bytes,
 /// noting the time each time the transport takes one.
+///
+/// Only reading the file can fail here: that is a storage error, which
+/// openraft treats as fatal. When the transport drops the stream (the peer is
+/// unreachable or went away) this just stops; the call then ends with the
+/// network error, which openraft retries later.
 async fn read_chunks(
     mut file: tokio::fs::File,
     header: Vec<u8>,
@@ -149,23 +154,24 @@ async fn read_chunks(
     tx: tokio::sync::mpsc::Sender<SnapshotChunk>,
     progress: Arc<Mutex<Instant>>,
 ) -> io::Result<()> {
-    let closed = || io::Error::other("the snapshot transfer ended early");
-    tx.send(SnapshotChunk {
+    let header = SnapshotChunk {
         part: Some(Part::Header(header)),
-    })
-    .await
-    .map_err(|_| closed())?;
+    };
+    if tx.send(header).await.is_err() {
+        return Ok(());
+    }
     loop {
         let mut data = Vec::with_capacity(chunk);
         (&mut file).take(chunk as u64).read_to_end(&mut data).await?;
         if data.is_empty() {
             return Ok(());
         }
-        tx.send(SnapshotChunk {
+        let data = SnapshotChunk {
             part: Some(Part::Data(data)),
-        })
-        .await
-        .map_err(|_| closed())?;
+        };
+        if tx.send(data).await.is_err() {
+            return Ok(());
+        }
         *progress.lock().expect("progress lock") = Instant::now();
     }
 }
