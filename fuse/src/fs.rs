@@ -549,20 +549,11 @@ impl GranaryFs {
         let span = layout.span(from, to);
         // Skip chunks the current read already asks for.
         let skip = layout.span(offset, end).end;
-        let mut batch: Vec<ChunkRef> = Vec::new();
-        let mut batch_bytes = 0u64;
-        for i in span.start.max(skip)..span.end {
-            let c = layout.chunks[i];
-            batch.push(c);
-            batch_bytes += c.len as u64;
-            if batch_bytes >= self.cfg.prefetch_batch || batch.len() >= PREFETCH_BATCH_CHUNKS {
-                self.spawn_prefetch(std::mem::take(&mut batch), batch_bytes);
-                batch_bytes = 0;
-            }
+        let mut batches = self.batches();
+        for &c in &layout.chunks[span.start.max(skip)..span.end] {
+            batches.push(c);
         }
-        if !batch.is_empty() {
-            self.spawn_prefetch(batch, batch_bytes);
-        }
+        batches.flush();
     }
 
     /// Updates the file-order readahead of the directory holding `ino` for a
@@ -609,16 +600,15 @@ impl GranaryFs {
             // steps of at least half a window, so that every file read does
             // not start a fetch of one more file.
             let from = ra.issued_to.max(ra.last + 1).min(entries.len());
-            let mut ahead: u64 = entries[ra.last + 1..from].iter().map(|e| e.size()).sum();
+            let ahead: u64 = entries[ra.last + 1..from].iter().map(|e| e.size()).sum();
             if ahead >= ra.window / 2 {
                 return;
             }
-            let mut to = from;
-            while to < entries.len() && ahead < ra.window {
-                ahead += entries[to].size();
+            let (mut to, mut bytes) = (from, 0);
+            while to < entries.len() && ahead + bytes < ra.window {
+                bytes += entries[to].size();
                 to += 1;
             }
-            let bytes: u64 = entries[from..to].iter().map(|e| e.size()).sum();
             let inflight = self.prefetch_inflight.load(Ordering::Relaxed);
             if to == from || inflight + bytes > self.cfg.readahead_global {
                 return;
@@ -634,41 +624,32 @@ impl GranaryFs {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (source, batch_max, prefetcher) =
-            (self.source.clone(), self.cfg.prefetch_batch, self.prefetcher());
+        let (source, mut batches) = (self.source.clone(), self.batches());
         rt.spawn(async move {
-            let mut batch: Vec<ChunkRef> = Vec::new();
-            let mut batch_bytes = 0u64;
             for entry in &files {
                 // Inline lists are at hand; a spilled one is one fetch (cached).
                 let Ok(list) = source.chunk_list(entry).await else {
                     continue;
                 };
-                for c in list {
-                    batch_bytes += c.len as u64;
-                    batch.push(c);
-                }
-                if batch_bytes >= batch_max || batch.len() >= PREFETCH_BATCH_CHUNKS {
-                    prefetcher.spawn(std::mem::take(&mut batch), std::mem::take(&mut batch_bytes));
-                }
+                list.into_iter().for_each(|c| batches.push(c));
             }
-            if !batch.is_empty() {
-                prefetcher.spawn(batch, batch_bytes);
-            }
+            batches.flush();
         });
     }
 
-    fn prefetcher(&self) -> Prefetcher {
-        Prefetcher {
-            cache: self.cache.clone(),
-            source: self.source.clone(),
-            stats: self.stats.clone(),
-            inflight: self.prefetch_inflight.clone(),
+    /// An empty set of prefetch batches for this mount.
+    fn batches(&self) -> Batches {
+        Batches {
+            prefetcher: Prefetcher {
+                cache: self.cache.clone(),
+                source: self.source.clone(),
+                stats: self.stats.clone(),
+                inflight: self.prefetch_inflight.clone(),
+            },
+            max_bytes: self.cfg.prefetch_batch,
+            batch: Vec::new(),
+            bytes: 0,
         }
-    }
-
-    fn spawn_prefetch(&self, chunks: Vec<ChunkRef>, bytes: u64) {
-        self.prefetcher().spawn(chunks, bytes);
     }
 
     /// Prefetch bytes in flight now (for tests).
@@ -679,6 +660,34 @@ impl GranaryFs {
     /// Every chunk of the file at inode `ino` (for `granary prefetch`).
     pub async fn chunks_of(&self, ino: u64) -> Result<Vec<ChunkRef>, FsError> {
         Ok(self.layout(&*self.inode(ino)?).await?.chunks.clone())
+    }
+}
+
+/// Chunks to prefetch, cut into batches of at most `max_bytes` and
+/// [`PREFETCH_BATCH_CHUNKS`] as they are pushed; each batch is fetched in the
+/// background.
+struct Batches {
+    prefetcher: Prefetcher,
+    max_bytes: u64,
+    batch: Vec<ChunkRef>,
+    bytes: u64,
+}
+
+impl Batches {
+    fn push(&mut self, c: ChunkRef) {
+        self.batch.push(c);
+        self.bytes += c.len as u64;
+        if self.bytes >= self.max_bytes || self.batch.len() >= PREFETCH_BATCH_CHUNKS {
+            self.flush();
+        }
+    }
+
+    /// Starts the batch gathered so far, if any.
+    fn flush(&mut self) {
+        if !self.batch.is_empty() {
+            self.prefetcher
+                .spawn(std::mem::take(&mut self.batch), std::mem::take(&mut self.bytes));
+        }
     }
 }
 

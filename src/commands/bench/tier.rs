@@ -451,17 +451,10 @@ pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
     // still on the chunk server's disk (the mount's own ceiling here).
     eprintln!("granary mount, cold (packs on SSD, reference)");
     let mnt = root.join("mnt-granary");
-    let ssd_read = {
-        let _m = GranaryMount::open(
-            &exe,
-            &addr,
-            DATASET,
-            &mnt,
-            &root.join("granary-ssd-cache"),
-            "1GiB",
-            "10GiB",
-        )?;
-        cold_read(
+    // One cold read through a fresh `granary mount` with an empty cache.
+    let mount_read = |cache: &str| -> anyhow::Result<Step> {
+        let _m = GranaryMount::open(&exe, &addr, DATASET, &mnt, &root.join(cache), "1GiB", "10GiB")?;
+        let step = cold_read(
             &files,
             &data,
             &mnt,
@@ -469,9 +462,11 @@ pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
             args.threads,
             moto_pid,
             Some(server_pid),
-        )?
+        )?;
+        eprintln!("  {:.0} MB/s", step.mbps());
+        Ok(step)
     };
-    eprintln!("  {:.0} MB/s", ssd_read.mbps());
+    let ssd_read = mount_read("granary-ssd-cache")?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -545,28 +540,7 @@ pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
     };
     let read1 = rclone_read()?;
     eprintln!("granary mount, cold (object tier)");
-    let granary_read = {
-        let _m = GranaryMount::open(
-            &exe,
-            &addr,
-            DATASET,
-            &mnt,
-            &root.join("granary-cache"),
-            "1GiB",
-            "10GiB",
-        )?;
-        let step = cold_read(
-            &files,
-            &data,
-            &mnt,
-            file_size,
-            args.threads,
-            moto_pid,
-            Some(server_pid),
-        )?;
-        eprintln!("  {:.0} MB/s", step.mbps());
-        step
-    };
+    let granary_read = mount_read("granary-cache")?;
     let read2 = rclone_read()?;
     drop(server);
 
