@@ -1,15 +1,18 @@
 //! The fuser adapter: translates kernel requests into [`GranaryFs`] calls.
 //!
-//! Deliberately thin. Every request that may wait for the cluster is spawned
-//! onto the tokio runtime and answered from there, so the fuser threads only
-//! read requests off `/dev/fuse` and many reads are in flight at once. Every
+//! Deliberately thin. Every request that may wait for the cluster is polled
+//! once on the fuser thread and, if it must wait, handed to the tokio
+//! runtime and answered from there, so the fuser threads never block on the
+//! cluster and many reads are in flight at once. Every
 //! write-type request is answered `EROFS`. Errors become errno values in one
 //! place ([`FsError::errno`]).
 
 use std::ffi::OsStr;
+use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -90,6 +93,20 @@ impl FuseAdapter {
             zero_message_open: false,
         }
     }
+
+    /// Answers a request: polls its future once on the fuser thread (most
+    /// lookups and cached reads finish there, without waking a tokio worker:
+    /// a round trip saved per small file), and hands it to the runtime when
+    /// it has to wait.
+    fn run(&self, f: impl Future<Output = ()> + Send + 'static) {
+        let _rt = self.rt.enter();
+        let mut f = Box::pin(f);
+        let mut cx = Context::from_waker(Waker::noop());
+        if f.as_mut().poll(&mut cx).is_pending() {
+            // Polled again (with a real waker) by the runtime.
+            self.rt.spawn(f);
+        }
+    }
 }
 
 impl fuser::Filesystem for FuseAdapter {
@@ -118,7 +135,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (fs, name) = (self.fs.clone(), name.as_bytes().to_vec());
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
                 // Inode 0: the kernel caches the absence for the TTL too (a
@@ -144,7 +161,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.getattr(ino.0).await {
                 Ok(a) => reply.attr(&TTL, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
@@ -154,7 +171,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.readlink(ino.0).await {
                 Ok(t) => reply.data(&t),
                 Err(e) => reply.error(errno(&e)),
@@ -170,7 +187,7 @@ impl fuser::Filesystem for FuseAdapter {
             return reply.error(Errno::ENOSYS);
         }
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.open(ino.0).await {
                 // NOFLUSH: close() need not wait for a FLUSH round trip; nothing is ever written.
                 Ok(fh) => reply.opened(
@@ -194,7 +211,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             let result = if fh.0 == 0 {
                 fs.read_inode(ino.0, offset, size).await
             } else {
@@ -244,7 +261,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             // Kernel offsets: 0 ".", 1 "..", 2 + i entry i; each entry carries the offset after it.
             let start = (offset as usize).saturating_sub(2);
             let entries = match fs.readdir_page(ino.0, start, DIR_PAGE).await {
@@ -280,7 +297,7 @@ impl fuser::Filesystem for FuseAdapter {
         mut reply: ReplyDirectoryPlus,
     ) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             let start = (offset as usize).saturating_sub(2);
             let entries = match fs.readdir_page(ino.0, start, DIR_PAGE).await {
                 Ok(e) => e,

@@ -7,18 +7,15 @@
 //! future: every reader waiting for one of its chunks is woken when it lands,
 //! and the batch itself fills the memory cache before it completes.
 //!
-//! Both caches are byte-bounded LRUs ([`Lru`]). The disk cache stores one file
-//! per chunk under `chunks-v1/ab/<id>`; a file is written to `chunks-tmp/`
-//! and renamed into place, so a partial file never has a chunk's name, and
-//! every read re-hashes the file with BLAKE3: a file that does not match its
-//! name is deleted, counted (`corrupt`) and fetched again. Several processes
-//! may share the directory: see [`DiskCache`] for how they keep to one cap.
+//! The memory cache is a byte-bounded LRU ([`Lru`]). The disk cache
+//! ([`DiskCache`], in `disk_cache.rs`) appends chunks to segment files,
+//! re-hashes every chunk it reads with BLAKE3 (a damaged one is counted as
+//! `corrupt` and fetched again) and may be shared by several processes.
 //! Fetched chunks reach memory before the batch completes and disk in the
 //! background (reads wait for the disk only when 256 MiB of writes are
 //! queued); [`ChunkCache::flush`] waits for the queue.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -26,6 +23,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use granary_core::{ChunkId, ChunkRef};
 use serde::{Deserialize, Serialize};
 
+pub use crate::disk_cache::DiskCache;
 use crate::error::FsError;
 use crate::source::Source;
 
@@ -198,288 +196,6 @@ impl Stats {
     }
 }
 
-/// One file per chunk in a directory, bounded by `cap` bytes, shareable by
-/// several processes.
-///
-/// Every process keeps its own LRU order of the files it knows (found at
-/// open, written, or read). The bytes on disk are counted in one shared file,
-/// `chunks-v1.usage`, which is only read and changed under an exclusive
-/// `flock` of `chunks-v1.lock`; so is every file creation and deletion. A
-/// writer first deletes its least recently used files until the new chunk
-/// fits under the cap, then writes it, so the count never exceeds the cap,
-/// whichever processes write. When a writer knows no more files to delete
-/// (others deleted them), it re-indexes the directory. Opening a cache
-/// re-counts the directory, which repairs the count after a crash.
-pub struct DiskCache {
-    chunks: PathBuf,
-    tmp: PathBuf,
-    /// `flock` serializes processes; the mutex the threads of this one
-    /// (they share the descriptor, and a descriptor's flock is not exclusive
-    /// between them).
-    lock: std::fs::File,
-    local: Mutex<()>,
-    /// `chunks-v1.usage`: the byte count, 20 decimal digits, rewritten in place.
-    usage: std::fs::File,
-    cap: u64,
-    /// This process's LRU order of the files it knows; the cap is enforced
-    /// through the shared count, not here.
-    index: Mutex<Lru<()>>,
-    seq: AtomicU64,
-}
-
-/// Holds the cache directory's lock (the mutex, then the `flock`) until dropped.
-struct DirLock<'a>(
-    &'a std::fs::File,
-    #[allow(dead_code)] std::sync::MutexGuard<'a, ()>,
-);
-
-impl Drop for DirLock<'_> {
-    fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a descriptor we own; the mutex is released after this.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
-}
-
-impl DiskCache {
-    /// Opens (creating) the cache under `dir`: removes temp files of dead
-    /// processes, indexes the chunk files (oldest first), trims to `cap` and
-    /// re-counts the bytes on disk.
-    pub fn open(dir: &Path, cap: u64) -> Result<Self, FsError> {
-        let chunks = dir.join("chunks-v1");
-        let tmp = dir.join("chunks-tmp");
-        std::fs::create_dir_all(&chunks)?;
-        std::fs::create_dir_all(&tmp)?;
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("chunks-v1.lock"))?;
-        let cache = Self {
-            chunks,
-            tmp,
-            lock,
-            local: Mutex::new(()),
-            usage: std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(dir.join("chunks-v1.usage"))?,
-            cap,
-            index: Mutex::new(Lru::new(u64::MAX)),
-            seq: AtomicU64::new(0),
-        };
-        let lock = cache.locked()?;
-        // Leftovers of processes that died mid-write (`<id>.<pid>.<n>`); a
-        // live process sharing the directory keeps its own.
-        for e in std::fs::read_dir(&cache.tmp)?.flatten() {
-            let name = e.file_name();
-            let pid = name
-                .to_str()
-                .and_then(|n| n.split('.').nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            let alive =
-                pid.is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
-            if !alive {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let mut total = cache.reindex();
-        let mut index = cache.index.lock().expect("disk index");
-        while total > cap {
-            let Some((old, len)) = index.pop_oldest() else {
-                break;
-            };
-            if std::fs::remove_file(cache.path(&old)).is_ok() {
-                total -= len;
-            }
-        }
-        drop(index);
-        cache.set_usage(total)?;
-        drop(lock);
-        Ok(cache)
-    }
-
-    /// Indexes every chunk file, oldest (by mtime) first; returns their bytes.
-    fn reindex(&self) -> u64 {
-        let mut found = Vec::new();
-        for sub in std::fs::read_dir(&self.chunks).into_iter().flatten().flatten() {
-            let Ok(rd) = std::fs::read_dir(sub.path()) else {
-                continue;
-            };
-            for f in rd.flatten() {
-                let (Some(id), Ok(md)) = (
-                    f.file_name().to_str().and_then(|n| n.parse::<ChunkId>().ok()),
-                    f.metadata(),
-                ) else {
-                    continue;
-                };
-                found.push((md.modified().ok(), id, md.len()));
-            }
-        }
-        found.sort();
-        let mut index = self.index.lock().expect("disk index");
-        *index = Lru::new(u64::MAX);
-        let mut total = 0;
-        for (_, id, len) in found {
-            index.insert(id, (), len);
-            total += len;
-        }
-        total
-    }
-
-    fn locked(&self) -> Result<DirLock<'_>, FsError> {
-        use std::os::fd::AsRawFd;
-        let local = self.local.lock().expect("disk cache lock");
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        Ok(DirLock(&self.lock, local))
-    }
-
-    /// The shared count of bytes on disk (call with the lock held).
-    fn get_usage(&self) -> u64 {
-        use std::os::unix::fs::FileExt;
-        let mut buf = [0u8; 20];
-        match self.usage.read_exact_at(&mut buf, 0) {
-            Ok(()) => std::str::from_utf8(&buf)
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-                .unwrap_or(0),
-            Err(_) => 0,
-        }
-    }
-
-    /// Rewritten in place: replacing the file by a rename would make ext4
-    /// flush it (`auto_da_alloc`), about 1.4 ms per chunk written.
-    fn set_usage(&self, bytes: u64) -> Result<(), FsError> {
-        use std::os::unix::fs::FileExt;
-        self.usage.write_all_at(format!("{bytes:020}").as_bytes(), 0)?;
-        Ok(())
-    }
-
-    /// Where chunk `id` lives.
-    pub fn path(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.chunks.join(&hex[..2]).join(hex)
-    }
-
-    /// Bytes on disk (counted by every process sharing the directory) and the cap.
-    pub fn usage(&self) -> (u64, u64) {
-        let used = self.locked().map(|_l| self.get_usage()).unwrap_or(0);
-        (used, self.cap)
-    }
-
-    /// The verified bytes of `id`, or `None` (missing, unreadable or corrupt;
-    /// a corrupt file is deleted and counted).
-    pub fn get(&self, id: &ChunkId, stats: &Stats) -> Option<Vec<u8>> {
-        let path = self.path(id);
-        let data = std::fs::read(&path).ok()?;
-        if ChunkId::of(&data) != *id {
-            tracing::warn!(chunk = %id, path = %path.display(), "corrupt disk cache file; deleting and refetching");
-            add(&stats.corrupt, 1);
-            if let Ok(_l) = self.locked() {
-                if let Ok(md) = std::fs::metadata(&path) {
-                    if std::fs::remove_file(&path).is_ok() {
-                        let _ = self.set_usage(self.get_usage().saturating_sub(md.len()));
-                    }
-                }
-            }
-            self.index.lock().expect("disk index").remove(id);
-            return None;
-        }
-        let mut index = self.index.lock().expect("disk index");
-        if index.get(id).is_none() {
-            // Written by another process sharing this directory.
-            index.insert(*id, (), data.len() as u64);
-        }
-        Some(data)
-    }
-
-    /// Stores `data` as chunk `id`. The bytes go to a temp file first; then,
-    /// under the directory lock, room is made and the file is renamed into
-    /// place, so the count never exceeds the cap and a partial file never has
-    /// a chunk's name.
-    pub fn put(&self, id: &ChunkId, data: &[u8], stats: &Stats) -> Result<(), FsError> {
-        let size = data.len() as u64;
-        let path = self.path(id);
-        if size > self.cap || path.exists() {
-            return Ok(());
-        }
-        let tmp = self.tmp.join(format!(
-            "{}.{}.{}",
-            id.short(),
-            std::process::id(),
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        ));
-        if let Err(e) = std::fs::write(&tmp, data) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.into());
-        }
-        let result = self.place(id, &tmp, &path, size, stats);
-        if !matches!(result, Ok(true)) {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map(|_| ())
-    }
-
-    /// Makes room for `size` bytes and renames `tmp` to `path`; false when
-    /// the chunk is not stored (already there, or no room can be made).
-    fn place(
-        &self,
-        id: &ChunkId,
-        tmp: &Path,
-        path: &Path,
-        size: u64,
-        stats: &Stats,
-    ) -> Result<bool, FsError> {
-        let _l = self.locked()?;
-        if path.exists() {
-            self.index.lock().expect("disk index").insert(*id, (), size);
-            return Ok(false);
-        }
-        let mut used = self.get_usage();
-        let mut reindexed = false;
-        while used + size > self.cap {
-            let victim = self.index.lock().expect("disk index").pop_oldest();
-            match victim {
-                Some((old, _)) => {
-                    let p = self.path(&old);
-                    if let Ok(md) = std::fs::metadata(&p) {
-                        if std::fs::remove_file(&p).is_ok() {
-                            used = used.saturating_sub(md.len());
-                            add(&stats.disk_evictions, 1);
-                        }
-                    }
-                }
-                None if !reindexed => {
-                    // Others deleted what we knew of: look again, and recount.
-                    used = self.reindex();
-                    reindexed = true;
-                }
-                None => {
-                    self.set_usage(used)?;
-                    return Ok(false);
-                }
-            }
-        }
-        let renamed = (|| {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::rename(tmp, path)
-        })();
-        if renamed.is_ok() {
-            used += size;
-            self.index.lock().expect("disk index").insert(*id, (), size);
-        }
-        self.set_usage(used)?;
-        renamed?;
-        Ok(true)
-    }
-}
-
 /// Fetched chunks queued for the disk cache before reads wait for the disk: 256 MiB.
 const PENDING_WRITES_KIB: u32 = 256 << 10;
 
@@ -516,9 +232,18 @@ impl ChunkCache {
         self.disk.as_ref()
     }
 
-    /// Waits until every queued disk write is done (before exiting, and in tests).
+    /// Waits until every queued disk write is done (in tests, and before [`Self::close`]).
     pub async fn flush(&self) {
         let _ = self.pending.acquire_many(PENDING_WRITES_KIB).await;
+    }
+
+    /// Before exiting: waits for queued disk writes and seals the disk
+    /// cache's open segment, so other processes index all of it at once.
+    pub async fn close(&self) {
+        self.flush().await;
+        if let Some(d) = &self.disk {
+            d.close();
+        }
     }
 
     /// Fills cache occupancy into a snapshot.
@@ -539,8 +264,7 @@ impl ChunkCache {
 
     /// True when `id` is in memory or on disk (without reading it).
     pub fn is_cached(&self, id: &ChunkId) -> bool {
-        self.mem.lock().expect("mem cache").contains(id)
-            || self.disk.as_ref().is_some_and(|d| d.path(id).exists())
+        self.mem.lock().expect("mem cache").contains(id) || self.disk.as_ref().is_some_and(|d| d.contains(id))
     }
 
     /// Starts getting every chunk in `want`: chunks in memory are ready,
@@ -663,8 +387,9 @@ impl ChunkCache {
             let st = stats.clone();
             let found = tokio::task::spawn_blocking(move || {
                 let disk = this.disk.as_ref().expect("disk cache");
-                list.iter()
-                    .map(|id| disk.get(id, &st).map(Arc::new))
+                disk.get_many(&list, &st)
+                    .into_iter()
+                    .map(|b| b.map(Arc::new))
                     .collect::<Vec<_>>()
             })
             .await
@@ -728,10 +453,10 @@ impl ChunkCache {
                 let st = stats.clone();
                 tokio::task::spawn_blocking(move || {
                     let disk = this.disk.as_ref().expect("disk cache");
-                    for (id, b) in items {
-                        if let Err(e) = disk.put(&id, &b, &st) {
-                            tracing::warn!(chunk = %id, "cannot write the disk cache: {e}");
-                        }
+                    let refs: Vec<(ChunkId, &[u8])> =
+                        items.iter().map(|(id, b)| (*id, b.as_slice())).collect();
+                    if let Err(e) = disk.put_many(&refs, &st) {
+                        tracing::warn!(chunks = refs.len(), "cannot write the disk cache: {e}");
                     }
                     drop(permit);
                 });

@@ -6,7 +6,8 @@
 //! | module | owns |
 //! |---|---|
 //! | [`source`] | [`Source`]: trees, chunk lists and chunks of a version; the SDK implementation and an in-memory one |
-//! | [`cache`] | [`ChunkCache`]: memory and disk chunk caches keyed by chunk id, fetches in flight, counters |
+//! | [`cache`] | [`ChunkCache`]: the memory cache, fetches in flight, counters; in front of the disk cache |
+//! | [`disk_cache`] | [`DiskCache`]: chunks in append-only segment files, capped, shared between processes |
 //! | [`fs`] | [`GranaryFs`]: inodes, attributes, directories, reads mapped to chunks, sequential readahead |
 //! | [`adapter`] | [`FuseAdapter`]: the thin fuser layer; write-type calls get `EROFS` |
 //! | [`error`] | [`FsError`] and its errno mapping |
@@ -16,6 +17,7 @@
 
 pub mod adapter;
 pub mod cache;
+pub mod disk_cache;
 pub mod error;
 pub mod fs;
 pub mod source;

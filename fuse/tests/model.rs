@@ -139,17 +139,33 @@ fn source_of(m: &BTreeMap<String, M>, seed: u64) -> MemSource {
     src
 }
 
+/// Bytes of the disk cache's segment files, as `ls` would add them up.
 fn disk_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let Ok(rd) = std::fs::read_dir(dir.join("chunks-v1")) else {
+    let Ok(rd) = std::fs::read_dir(dir.join("segments-v2")) else {
         return 0;
     };
-    for sub in rd.flatten() {
-        for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
-            total += f.metadata().unwrap().len();
-        }
-    }
-    total
+    rd.flatten().map(|f| f.metadata().unwrap().len()).sum()
+}
+
+/// Where the disk cache keeps chunk `id`: its segment file and the offset of its bytes.
+fn record_of(disk: &DiskCache, id: &granary_core::ChunkId) -> (std::path::PathBuf, u64, u32) {
+    let (_, path, off, len) = disk
+        .records()
+        .into_iter()
+        .find(|r| r.0 == *id)
+        .expect("chunk is cached");
+    (path, off, len)
+}
+
+/// Overwrites `bytes` at `off` of `path`.
+fn patch(path: &Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(bytes, off)
+        .unwrap();
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -293,24 +309,52 @@ fn corrupt_disk_cache_file_is_deleted_and_refetched() {
         let fetched = src.chunks_fetched.load(Ordering::Relaxed);
         assert_eq!(fetched, 13);
         fs.cache().flush().await;
-        // Damage one cached chunk (same length, one bit flipped) and truncate another.
+        // Damage one cached chunk (one bit flipped) and zero another's bytes.
         let chunks = fs.chunks_of(ino).await.unwrap();
         let disk = fs.cache().disk().unwrap();
-        let p0 = disk.path(&chunks[0].id);
-        let mut bytes = std::fs::read(&p0).unwrap();
-        bytes[7] ^= 1;
-        std::fs::write(&p0, bytes).unwrap();
-        let p5 = disk.path(&chunks[5].id);
-        std::fs::write(&p5, b"short").unwrap();
+        let (p0, off0, _) = record_of(disk, &chunks[0].id);
+        patch(&p0, off0 + 7, &[data[7] ^ 1]);
+        let (p5, off5, len5) = record_of(disk, &chunks[5].id);
+        patch(&p5, off5, &vec![0u8; len5 as usize]);
         assert_eq!(fs.read(fh, 0, 60_000).await.unwrap(), data);
         let s = fs.stats().snapshot();
         assert_eq!(s.corrupt, 2, "{s:?}");
         assert_eq!(src.chunks_fetched.load(Ordering::Relaxed), fetched + 2);
         fs.cache().flush().await;
+        let (p, off, len) = record_of(disk, &chunks[0].id);
+        assert_ne!(
+            (&p, off),
+            (&p0, off0),
+            "refetched chunk is cached again, elsewhere"
+        );
+        let mut again = vec![0u8; len as usize];
+        {
+            use std::os::unix::fs::FileExt;
+            std::fs::File::open(&p)
+                .unwrap()
+                .read_exact_at(&mut again, off)
+                .unwrap();
+        }
+        assert_eq!(again, &data[..4096]);
+        // A new process over the directory does not serve the damaged records either.
+        drop(fs);
+        let (fs, src) = mount(
+            one_file(50_000, 4096).0,
+            0,
+            tmp.path(),
+            1 << 20,
+            FsConfig::default(),
+        );
+        let fh = fs
+            .open(fs.lookup(ROOT_INO, b"f").await.unwrap().ino)
+            .await
+            .unwrap();
+        assert_eq!(fs.read(fh, 0, 60_000).await.unwrap(), data);
+        assert_eq!(src.chunks_fetched.load(Ordering::Relaxed), 0);
         assert_eq!(
-            std::fs::read(&p0).unwrap(),
-            &data[..4096],
-            "refetched chunk is cached again"
+            fs.stats().snapshot().corrupt,
+            0,
+            "dead records are skipped, not re-reported"
         );
     });
 }
@@ -358,20 +402,41 @@ fn disk_cache_respects_its_cap_and_reopens_within_it() {
             cache.flush().await;
             assert!(disk_bytes(tmp.path()) <= 10_000);
         }
-        assert_eq!(disk_bytes(tmp.path()), 10_000);
+        // Full: within one segment (here one record: 1,000 bytes, a 44-byte
+        // header and a 64-byte footer) of the cap.
+        let full = disk_bytes(tmp.path());
+        assert!(full > 10_000 - 1108, "{full}");
+        assert_eq!(cache.disk().unwrap().usage().0, full);
         // The most recent chunks stayed.
         assert!(cache.is_cached(&chunks[99].id));
         assert!(!cache.is_cached(&chunks[0].id));
+        cache.close().await;
     });
-    // Reopening with a smaller cap trims the oldest files; stray temp files go.
-    std::fs::write(tmp.path().join("chunks-tmp").join("partial"), b"xx").unwrap();
+    // A segment left open by a process that died is sealed (its whole
+    // records kept, a torn tail dropped) by the next process to open.
+    let mut torn = std::fs::read_dir(tmp.path().join("segments-v2"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let bytes = std::fs::read(&torn).unwrap();
+    std::fs::remove_file(&torn).unwrap();
+    torn.set_extension("open");
+    let cut = bytes.len() - 1000; // into the footer and the last record
+    std::fs::write(&torn, &bytes[..cut]).unwrap();
+    // Reopening with a smaller cap trims the oldest segments.
     let d = DiskCache::open(tmp.path(), 4000).unwrap();
-    assert_eq!(d.usage(), (4000, 4000));
-    assert_eq!(disk_bytes(tmp.path()), 4000);
-    assert_eq!(
-        std::fs::read_dir(tmp.path().join("chunks-tmp")).unwrap().count(),
-        0
-    );
+    let (used, cap) = d.usage();
+    assert!(used <= 4000 && used > 4000 - 2 * 1108 && cap == 4000, "{used}");
+    assert_eq!(disk_bytes(tmp.path()), used);
+    assert!(std::fs::read_dir(tmp.path().join("segments-v2"))
+        .unwrap()
+        .all(|e| e.unwrap().path().extension().unwrap() == "seg"));
+    let stats = granary_fuse::Stats::default();
+    for (id, ..) in d.records() {
+        assert!(d.get(&id, &stats).is_some());
+    }
+    assert_eq!(stats.corrupt.load(Ordering::Relaxed), 0);
 }
 
 fn ra_config() -> FsConfig {
@@ -599,21 +664,23 @@ fn two_processes_sharing_a_disk_cache_stay_within_its_cap_together() {
     assert_eq!(a.usage(), (on_disk, cap), "the shared count matches the files");
     assert_eq!(b.usage(), (on_disk, cap));
     assert!(stats.disk_evictions.load(Ordering::Relaxed) > 0);
-    // A damaged file is deleted and uncounted.
-    let victim = std::fs::read_dir(tmp.path().join("chunks-v1"))
-        .unwrap()
-        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
-        .map(|f| f.unwrap().path())
-        .next()
-        .unwrap();
-    let id: granary_core::ChunkId = victim.file_name().unwrap().to_str().unwrap().parse().unwrap();
-    let len = std::fs::metadata(&victim).unwrap().len();
-    std::fs::write(&victim, vec![0u8; len as usize]).unwrap();
+    // A damaged record is reported once (by whoever reads it first) and
+    // then skipped by every process, including one that opens later.
+    a.close();
+    b.close();
+    let (id, path, off, len) = a.records().into_iter().next().unwrap();
+    patch(&path, off, &vec![0u8; len as usize]);
+    let before = stats.corrupt.load(Ordering::Relaxed);
     assert!(a.get(&id, &stats).is_none());
-    assert!(!victim.exists());
-    assert_eq!(b.usage(), (on_disk - len, cap));
-    // Reopening recounts.
-    std::fs::write(tmp.path().join("chunks-v1.usage"), "00000000000012345678").unwrap();
-    let c = DiskCache::open(tmp.path(), cap).unwrap();
-    assert_eq!(c.usage(), (on_disk - len, cap));
+    assert!(b.get(&id, &stats).is_none());
+    assert!(DiskCache::open(tmp.path(), cap)
+        .unwrap()
+        .get(&id, &stats)
+        .is_none());
+    assert_eq!(stats.corrupt.load(Ordering::Relaxed), before + 1);
+    // Every other record reads back, from either process.
+    for (id, ..) in a.records().into_iter().skip(1) {
+        assert!(b.get(&id, &stats).is_some());
+    }
+    assert_eq!(stats.corrupt.load(Ordering::Relaxed), before + 1);
 }

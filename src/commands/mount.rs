@@ -308,7 +308,7 @@ fn run_mounted(
         std::mem::forget(bg);
     }
     // Chunks still queued for the disk cache go there before we exit.
-    rt.block_on(fs.cache().flush());
+    rt.block_on(fs.cache().close());
     write_stats(&stats_file, &base, &fs, false);
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
@@ -504,7 +504,7 @@ pub fn prefetch(args: &PrefetchArgs) -> anyhow::Result<()> {
         while let Some(done) = stream.next().await {
             bar.inc(done?);
         }
-        cache.flush().await;
+        cache.close().await;
         bar.finish_and_clear();
         Ok::<_, anyhow::Error>((name, total, cached, stats.snapshot()))
     })?;

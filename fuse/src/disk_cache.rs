@@ -1,0 +1,842 @@
+//! The disk chunk cache: chunks appended to segment files, bounded by a byte
+//! cap, shared by every process on the host that uses the same directory.
+//!
+//! One file per chunk (the first design) spent about half of a cold read's
+//! CPU in the filesystem allocating and freeing inodes; appending to a few
+//! large files costs one `pwrite` per batch of chunks.
+//!
+//! ```text
+//! CACHE_DIR/segments-v2.lock          flock'd while segments are created, evicted or recovered;
+//!                                     holds the next segment number (u64 LE)
+//! CACHE_DIR/segments-v2/<seq>.open    a segment a live process appends to (it holds an flock on it)
+//! CACHE_DIR/segments-v2/<seq>.seg     a sealed segment: records, then an index footer
+//! ```
+//!
+//! - **Record**: a 44-byte header (magic, length, chunk id, CRC-32 of length
+//!   and id) and the chunk's raw bytes. A batch of records is written with
+//!   its first header last, so a reader that finds a valid header finds the
+//!   bytes behind it; every read re-hashes the bytes with BLAKE3. A record
+//!   that does not match is counted (`corrupt`), its magic is overwritten
+//!   with a dead mark (so no process serves it again) and the chunk is
+//!   fetched again.
+//! - **Segments** are created with their whole reserved size (sparse), so
+//!   the sum of the segment files' sizes, which every process can see, never
+//!   exceeds the cap: a writer that needs a new segment deletes the oldest
+//!   sealed segments (of any process) under the directory lock until the new
+//!   one fits. A sealed segment is truncated to its records plus a footer
+//!   listing them, which is all a process reads to index it.
+//! - **Eviction** is by segment, oldest first; a chunk read from a segment
+//!   that is about to be evicted (the oldest bytes past three quarters of the
+//!   cap) is appended again, so data in use stays (LRU-like).
+//! - **Sharing**: each process indexes the segments in memory (id -> segment,
+//!   offset). It re-lists the directory when its mtime changes (or a second
+//!   has passed), picking up sealed segments of other processes and dropping
+//!   deleted ones; on a miss it also looks for new records at the end of
+//!   other processes' open segments. A segment left `.open` by a process
+//!   that died (its flock is free) is sealed by the next process that
+//!   allocates.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use granary_core::ChunkId;
+
+use crate::cache::Stats;
+use crate::error::FsError;
+
+/// Record header: magic (4), length (4, LE), chunk id (32), CRC-32 of length and id (4, LE).
+const HDR: u64 = 44;
+const LIVE: [u8; 4] = *b"GCR1";
+/// A record found damaged: skipped by every reader and scanner.
+const DEAD: [u8; 4] = *b"GCRX";
+/// Footer entry: chunk id (32), record offset (4, LE), length (4, LE).
+const ENTRY: usize = 40;
+/// Footer trailer: magic (8), entries (4), end of records (4), CRC-32 of the entries (4), zero (4).
+const TRAILER: usize = 24;
+const TRAILER_MAGIC: [u8; 8] = *b"GSEGIX01";
+/// Largest segment; smaller caps get segments of cap / 16.
+const MAX_SEGMENT: u64 = 32 << 20;
+/// A directory listing older than this is redone even if the mtime did not move
+/// (mtimes are coarse: two changes within one tick look like one).
+const RELIST_AFTER: Duration = Duration::from_secs(1);
+
+const SUBDIR: &str = "segments-v2";
+
+/// Where a chunk's record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Loc {
+    seq: u64,
+    off: u32,
+    len: u32,
+}
+
+struct Segment {
+    file: Arc<File>,
+    /// Still appended to (by this process or another live one).
+    open: bool,
+    /// Ours: the writer's active segment (or one we sealed).
+    mine: bool,
+    /// For another process's open segment: records before this offset are indexed.
+    scanned: u64,
+    /// Size on disk when last listed.
+    size: u64,
+    ids: Vec<ChunkId>,
+}
+
+#[derive(Default)]
+struct Index {
+    segs: BTreeMap<u64, Segment>,
+    map: HashMap<ChunkId, Loc>,
+    listed_mtime: Option<SystemTime>,
+    listed_at: Option<Instant>,
+    /// Hits in segments below this number are appended again (they are next to be evicted).
+    renew_below: u64,
+}
+
+impl Index {
+    /// Forgets segment `seq` and every id that points into it; returns how many ids that was.
+    fn drop_segment(&mut self, seq: u64) -> usize {
+        let Some(seg) = self.segs.remove(&seq) else {
+            return 0;
+        };
+        let mut n = 0;
+        for id in &seg.ids {
+            if self.map.get(id).is_some_and(|l| l.seq == seq) {
+                self.map.remove(id);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn add(&mut self, seq: u64, records: &[(ChunkId, u32, u32)]) {
+        let Some(seg) = self.segs.get_mut(&seq) else {
+            return;
+        };
+        for &(id, off, len) in records {
+            seg.ids.push(id);
+            self.map.insert(id, Loc { seq, off, len });
+        }
+    }
+}
+
+/// The segment being appended to by this process.
+struct Active {
+    seq: u64,
+    file: Arc<File>,
+    path: PathBuf,
+    end: u64,
+    reserved: u64,
+    entries: Vec<(ChunkId, u32, u32)>,
+}
+
+impl Active {
+    /// True when `n` more records of `bytes` (headers included) fit, with
+    /// room left for the footer that will list them.
+    fn fits(&self, n: usize, bytes: u64) -> bool {
+        let footer = ((self.entries.len() + n) * ENTRY + TRAILER) as u64;
+        self.end + bytes + footer <= self.reserved
+    }
+}
+
+/// One segment file as listed.
+struct Listed {
+    seq: u64,
+    open: bool,
+    size: u64,
+    path: PathBuf,
+}
+
+/// Why a record could not be served.
+enum Bad {
+    /// Marked dead (by any process): a plain miss.
+    Dead,
+    /// Does not match its id or header: damaged.
+    Corrupt(String),
+}
+
+/// Chunks in segment files under one directory, bounded by `cap` bytes,
+/// shareable by several processes (see the module docs).
+pub struct DiskCache {
+    dir: PathBuf,
+    /// `segments-v2.lock`: `flock` serializes processes, the mutex this
+    /// process's threads (they share the descriptor).
+    lock: File,
+    local: Mutex<()>,
+    cap: u64,
+    target: u64,
+    index: Mutex<Index>,
+    writer: Mutex<Option<Active>>,
+}
+
+/// Holds the directory lock (the mutex, then the `flock`) until dropped.
+struct DirLock<'a>(&'a File, #[allow(dead_code)] std::sync::MutexGuard<'a, ()>);
+
+impl Drop for DirLock<'_> {
+    fn drop(&mut self) {
+        let _ = flock(self.0, libc::LOCK_UN);
+    }
+}
+
+fn flock(f: &File, op: i32) -> std::io::Result<()> {
+    // SAFETY: flock on a descriptor owned by `f`.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn header(id: &ChunkId, len: u32) -> [u8; HDR as usize] {
+    let mut h = [0u8; HDR as usize];
+    h[..4].copy_from_slice(&LIVE);
+    h[4..8].copy_from_slice(&len.to_le_bytes());
+    h[8..40].copy_from_slice(id.as_bytes());
+    let crc = crc32fast::hash(&h[4..40]);
+    h[40..44].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// A header's (live, id, len), or `None` when it is not a whole valid header.
+fn parse_header(h: &[u8]) -> Option<(bool, ChunkId, u32)> {
+    let live = match h.get(..4)? {
+        m if m == LIVE => true,
+        m if m == DEAD => false,
+        _ => return None,
+    };
+    if crc32fast::hash(&h[4..40]).to_le_bytes() != h[40..44] {
+        return None;
+    }
+    let len = u32::from_le_bytes(h[4..8].try_into().ok()?);
+    Some((live, ChunkId::from_slice(&h[8..40])?, len))
+}
+
+/// The records of `file` from `from` on, up to the first invalid header or
+/// one that runs past `limit`: (live records, where the scan stopped).
+fn scan(file: &File, from: u64, limit: u64) -> (Vec<(ChunkId, u32, u32)>, u64) {
+    let mut out = Vec::new();
+    let mut off = from;
+    let mut h = [0u8; HDR as usize];
+    while off + HDR <= limit && file.read_exact_at(&mut h, off).is_ok() {
+        let Some((live, id, len)) = parse_header(&h) else {
+            break;
+        };
+        let end = off + HDR + len as u64;
+        if end > limit {
+            break;
+        }
+        if live {
+            out.push((id, off as u32, len));
+        }
+        off = end;
+    }
+    (out, off)
+}
+
+/// The entries of a sealed segment's footer, or `None` when it has no valid one.
+fn read_footer(file: &File, size: u64) -> Option<Vec<(ChunkId, u32, u32)>> {
+    if size < TRAILER as u64 {
+        return None;
+    }
+    let mut t = [0u8; TRAILER];
+    file.read_exact_at(&mut t, size - TRAILER as u64).ok()?;
+    if t[..8] != TRAILER_MAGIC {
+        return None;
+    }
+    let n = u32::from_le_bytes(t[8..12].try_into().ok()?) as u64;
+    let end = u32::from_le_bytes(t[12..16].try_into().ok()?) as u64;
+    let crc = u32::from_le_bytes(t[16..20].try_into().ok()?);
+    if end + n * ENTRY as u64 + TRAILER as u64 != size {
+        return None;
+    }
+    let mut buf = vec![0u8; (n as usize) * ENTRY];
+    file.read_exact_at(&mut buf, end).ok()?;
+    if crc32fast::hash(&buf) != crc {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    for e in buf.chunks_exact(ENTRY) {
+        let id = ChunkId::from_slice(&e[..32])?;
+        let off = u32::from_le_bytes(e[32..36].try_into().ok()?);
+        let len = u32::from_le_bytes(e[36..40].try_into().ok()?);
+        if off as u64 + HDR + len as u64 > end {
+            return None;
+        }
+        out.push((id, off, len));
+    }
+    Some(out)
+}
+
+/// Writes the footer after `end`, truncates to it, renames `.open` to `.seg`
+/// and releases the segment's flock.
+fn seal_file(file: &File, path: &Path, end: u64, entries: &[(ChunkId, u32, u32)]) -> std::io::Result<u64> {
+    let mut footer = Vec::with_capacity(entries.len() * ENTRY + TRAILER);
+    for (id, off, len) in entries {
+        footer.extend_from_slice(id.as_bytes());
+        footer.extend_from_slice(&off.to_le_bytes());
+        footer.extend_from_slice(&len.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&footer);
+    footer.extend_from_slice(&TRAILER_MAGIC);
+    footer.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    footer.extend_from_slice(&(end as u32).to_le_bytes());
+    footer.extend_from_slice(&crc.to_le_bytes());
+    footer.extend_from_slice(&[0u8; 4]);
+    file.write_all_at(&footer, end)?;
+    let size = end + footer.len() as u64;
+    file.set_len(size)?;
+    std::fs::rename(path, path.with_extension("seg"))?;
+    flock(file, libc::LOCK_UN)?;
+    Ok(size)
+}
+
+impl DiskCache {
+    /// Opens (creating) the cache under `dir`: seals segments of dead
+    /// processes, deletes the oldest segments until the cache is within
+    /// `cap`, and indexes the rest. A cache directory of the earlier
+    /// one-file-per-chunk layout (`chunks-v1/`) is deleted.
+    pub fn open(dir: &Path, cap: u64) -> Result<Self, FsError> {
+        let segs = dir.join(SUBDIR);
+        std::fs::create_dir_all(&segs)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join(format!("{SUBDIR}.lock")))?;
+        let cache = Self {
+            dir: segs,
+            lock,
+            local: Mutex::new(()),
+            cap,
+            target: (cap / 16).clamp(1, MAX_SEGMENT),
+            index: Mutex::new(Index::default()),
+            writer: Mutex::new(None),
+        };
+        {
+            let _l = cache.locked()?;
+            for old in ["chunks-v1", "chunks-tmp"] {
+                let _ = std::fs::remove_dir_all(dir.join(old));
+            }
+            for old in ["chunks-v1.usage", "chunks-v1.lock"] {
+                let _ = std::fs::remove_file(dir.join(old));
+            }
+            let mut listing = cache.list();
+            cache.recover_dead(&mut listing);
+            let mut used: u64 = listing.iter().map(|l| l.size).sum();
+            for l in listing.iter().filter(|l| !l.open) {
+                if used <= cap {
+                    break;
+                }
+                if std::fs::remove_file(&l.path).is_ok() {
+                    used -= l.size;
+                }
+            }
+        }
+        cache.relist();
+        Ok(cache)
+    }
+
+    fn locked(&self) -> Result<DirLock<'_>, FsError> {
+        let local = self.local.lock().expect("disk cache lock");
+        flock(&self.lock, libc::LOCK_EX)?;
+        Ok(DirLock(&self.lock, local))
+    }
+
+    /// Every segment file, oldest first.
+    fn list(&self) -> Vec<Listed> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            let Some((seq, ext)) = name.to_str().and_then(|n| n.split_once('.')) else {
+                continue;
+            };
+            let (Ok(seq), Ok(md)) = (u64::from_str_radix(seq, 16), e.metadata()) else {
+                continue;
+            };
+            let open = match ext {
+                "open" => true,
+                "seg" => false,
+                _ => continue,
+            };
+            out.push(Listed {
+                seq,
+                open,
+                size: md.len(),
+                path: e.path(),
+            });
+        }
+        // A rename seen mid-listing can show a segment under both names.
+        out.sort_by_key(|l| (l.seq, l.open));
+        out.dedup_by_key(|l| l.seq);
+        out
+    }
+
+    /// Seals every listed open segment whose writer is gone (its flock is
+    /// free): its valid records get a footer. Call with the directory lock.
+    fn recover_dead(&self, listing: &mut [Listed]) {
+        for l in listing.iter_mut().filter(|l| l.open) {
+            if self
+                .index
+                .lock()
+                .expect("disk index")
+                .segs
+                .get(&l.seq)
+                .is_some_and(|s| s.mine)
+            {
+                continue;
+            }
+            let Ok(file) = OpenOptions::new().read(true).write(true).open(&l.path) else {
+                continue;
+            };
+            if flock(&file, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+                continue; // a live writer
+            }
+            let (entries, end) = scan(&file, 0, l.size);
+            match seal_file(&file, &l.path, end, &entries) {
+                Ok(size) => {
+                    tracing::debug!(
+                        segment = l.seq,
+                        records = entries.len(),
+                        "sealed a dead process's cache segment"
+                    );
+                    l.open = false;
+                    l.size = size;
+                    l.path = l.path.with_extension("seg");
+                }
+                Err(e) => tracing::warn!(path = %l.path.display(), "cannot seal a dead cache segment: {e}"),
+            }
+        }
+    }
+
+    /// Lists the directory and brings the index up to date; returns the bytes on disk.
+    fn relist(&self) -> u64 {
+        let mtime = std::fs::metadata(&self.dir).and_then(|m| m.modified()).ok();
+        let listing = self.list();
+        let total: u64 = listing.iter().map(|l| l.size).sum();
+        let mut ix = self.index.lock().expect("disk index");
+        let present: HashMap<u64, &Listed> = listing.iter().map(|l| (l.seq, l)).collect();
+        let gone: Vec<u64> = ix
+            .segs
+            .iter()
+            .filter(|(seq, s)| !(present.contains_key(seq) || (s.mine && s.open)))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in gone {
+            ix.drop_segment(seq);
+        }
+        for l in &listing {
+            match ix.segs.get_mut(&l.seq) {
+                Some(s) => {
+                    s.size = l.size;
+                    if s.open && !l.open && !s.mine {
+                        // Sealed since we last looked: its footer lists every record.
+                        s.open = false;
+                        let entries =
+                            read_footer(&s.file, l.size).unwrap_or_else(|| scan(&s.file, 0, l.size).0);
+                        let new: Vec<_> = entries.into_iter().filter(|e| e.1 as u64 >= s.scanned).collect();
+                        ix.add(l.seq, &new);
+                    }
+                }
+                None => {
+                    // Read-only when another user's: we can still serve it, not mark it.
+                    let Ok(file) = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&l.path)
+                        .or_else(|_| File::open(&l.path))
+                    else {
+                        continue;
+                    };
+                    let (entries, scanned) = if l.open {
+                        scan(&file, 0, l.size)
+                    } else {
+                        (
+                            read_footer(&file, l.size).unwrap_or_else(|| scan(&file, 0, l.size).0),
+                            l.size,
+                        )
+                    };
+                    ix.segs.insert(
+                        l.seq,
+                        Segment {
+                            file: Arc::new(file),
+                            open: l.open,
+                            mine: false,
+                            scanned,
+                            size: l.size,
+                            ids: Vec::new(),
+                        },
+                    );
+                    ix.add(l.seq, &entries);
+                }
+            }
+        }
+        // Renew hits in the oldest bytes beyond three quarters of the cap.
+        let mut excess = total.saturating_sub(self.cap / 4 * 3);
+        let mut renew_below = 0;
+        for (seq, s) in ix.segs.iter() {
+            if excess == 0 || s.open {
+                break;
+            }
+            excess = excess.saturating_sub(s.size);
+            renew_below = seq + 1;
+        }
+        ix.renew_below = renew_below;
+        ix.listed_mtime = mtime;
+        ix.listed_at = Some(Instant::now());
+        total
+    }
+
+    /// Re-lists when the directory changed or the listing is old.
+    fn refresh(&self) {
+        let mtime = std::fs::metadata(&self.dir).and_then(|m| m.modified()).ok();
+        let fresh = {
+            let ix = self.index.lock().expect("disk index");
+            ix.listed_mtime == mtime && ix.listed_at.is_some_and(|t| t.elapsed() < RELIST_AFTER)
+        };
+        if !fresh {
+            self.relist();
+        }
+    }
+
+    /// Indexes records appended to other processes' open segments since we
+    /// last looked; true when any were found.
+    fn scan_others(&self) -> bool {
+        let mut ix = self.index.lock().expect("disk index");
+        let mut found = Vec::new();
+        for (seq, s) in ix.segs.iter_mut().filter(|(_, s)| s.open && !s.mine) {
+            let limit = s.file.metadata().map(|m| m.len()).unwrap_or(0);
+            let (entries, end) = scan(&s.file, s.scanned, limit);
+            s.scanned = end;
+            if !entries.is_empty() {
+                found.push((*seq, entries));
+            }
+        }
+        let any = !found.is_empty();
+        for (seq, entries) in found {
+            ix.add(seq, &entries);
+        }
+        any
+    }
+
+    /// Bytes on disk (all segment files, counted by their size, of every
+    /// process sharing the directory) and the cap. Also drops segments other
+    /// processes deleted, so this process lets go of their space.
+    pub fn usage(&self) -> (u64, u64) {
+        // Under the lock, so no segment is caught mid-rename or mid-creation.
+        let _l = self.locked();
+        (self.relist(), self.cap)
+    }
+
+    /// True when `id` is indexed (without reading it).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.index.lock().expect("disk index").map.contains_key(id)
+    }
+
+    /// Every indexed record: chunk id, segment file, offset of the chunk's
+    /// bytes in it, length. For tests and tools that look at the files.
+    pub fn records(&self) -> Vec<(ChunkId, PathBuf, u64, u32)> {
+        self.relist();
+        let ix = self.index.lock().expect("disk index");
+        let mut out: Vec<_> = ix
+            .map
+            .iter()
+            .filter_map(|(id, l)| {
+                let ext = if ix.segs.get(&l.seq)?.open { "open" } else { "seg" };
+                let path = self.dir.join(format!("{:016x}.{ext}", l.seq));
+                Some((*id, path, l.off as u64 + HDR, l.len))
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
+        out
+    }
+
+    /// The verified bytes of `id`, or `None` (see [`Self::get_many`]).
+    pub fn get(&self, id: &ChunkId, stats: &Stats) -> Option<Vec<u8>> {
+        self.get_many(std::slice::from_ref(id), stats).pop().flatten()
+    }
+
+    /// The verified bytes of each of `ids` found in the cache. A damaged
+    /// record is marked dead, counted (`corrupt`) and reported missing.
+    pub fn get_many(&self, ids: &[ChunkId], stats: &Stats) -> Vec<Option<Vec<u8>>> {
+        self.refresh();
+        let lookup = |ids: &[ChunkId], want: &[usize]| {
+            let ix = self.index.lock().expect("disk index");
+            want.iter()
+                .map(|&i| {
+                    let l = *ix.map.get(&ids[i])?;
+                    let s = ix.segs.get(&l.seq)?;
+                    Some((l, s.file.clone(), s.open && !s.mine, l.seq < ix.renew_below))
+                })
+                .collect::<Vec<_>>()
+        };
+        let all: Vec<usize> = (0..ids.len()).collect();
+        let mut found = lookup(ids, &all);
+        let missing: Vec<usize> = all.iter().copied().filter(|&i| found[i].is_none()).collect();
+        if !missing.is_empty() && self.scan_others() {
+            for (i, f) in missing.iter().zip(lookup(ids, &missing)) {
+                found[*i] = f;
+            }
+        }
+        let mut renew = Vec::new();
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, f) in ids.iter().zip(found) {
+            let Some((loc, file, theirs_open, old)) = f else {
+                out.push(None);
+                continue;
+            };
+            match read_record(&file, id, loc) {
+                Ok(data) => {
+                    if old {
+                        renew.push((*id, data.clone()));
+                    }
+                    out.push(Some(data));
+                }
+                Err(bad) => {
+                    if let Bad::Corrupt(why) = bad {
+                        if !theirs_open {
+                            tracing::warn!(chunk = %id, segment = loc.seq, "corrupt disk cache record ({why}); refetching");
+                            stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                            let _ = file.write_all_at(&DEAD, loc.off as u64);
+                        }
+                    }
+                    let mut ix = self.index.lock().expect("disk index");
+                    if ix.map.get(id) == Some(&loc) {
+                        ix.map.remove(id);
+                    }
+                    out.push(None);
+                }
+            }
+        }
+        if !renew.is_empty() {
+            let items: Vec<(ChunkId, &[u8])> = renew.iter().map(|(id, d)| (*id, d.as_slice())).collect();
+            if let Err(e) = self.write(&items, stats, true) {
+                tracing::warn!("cannot write the disk cache: {e}");
+            }
+        }
+        out
+    }
+
+    /// Stores `data` as chunk `id` (see [`Self::put_many`]).
+    pub fn put(&self, id: &ChunkId, data: &[u8], stats: &Stats) -> Result<(), FsError> {
+        self.put_many(&[(*id, data)], stats)
+    }
+
+    /// Appends the chunks not yet cached to this process's segment, making
+    /// room (deleting the oldest segments) when it needs a new one. A chunk
+    /// bigger than the cap, or that no room can be made for, is not stored.
+    pub fn put_many(&self, items: &[(ChunkId, &[u8])], stats: &Stats) -> Result<(), FsError> {
+        self.write(items, stats, false)
+    }
+
+    fn write(&self, items: &[(ChunkId, &[u8])], stats: &Stats, renew: bool) -> Result<(), FsError> {
+        let mut w = self.writer.lock().expect("disk cache writer");
+        let items: Vec<&(ChunkId, &[u8])> = {
+            let ix = self.index.lock().expect("disk index");
+            let mut seen = std::collections::HashSet::new();
+            items
+                .iter()
+                .filter(|(id, d)| {
+                    HDR + d.len() as u64 + (ENTRY + TRAILER) as u64 <= self.cap
+                        && seen.insert(*id)
+                        && (renew || !ix.map.contains_key(id))
+                })
+                .collect()
+        };
+        let mut i = 0;
+        while i < items.len() {
+            if !w
+                .as_ref()
+                .is_some_and(|a| a.fits(1, HDR + items[i].1.len() as u64))
+            {
+                if let Some(a) = w.take() {
+                    self.seal(a);
+                }
+                let need = HDR + items[i].1.len() as u64 + (ENTRY + TRAILER) as u64;
+                match self.allocate(need.max(self.target), stats)? {
+                    Some(a) => *w = Some(a),
+                    None => return Ok(()),
+                }
+            }
+            let a = w.as_mut().expect("active segment");
+            let mut j = i + 1;
+            let mut bytes = HDR + items[i].1.len() as u64;
+            while j < items.len() && a.fits(j + 1 - i, bytes + HDR + items[j].1.len() as u64) {
+                bytes += HDR + items[j].1.len() as u64;
+                j += 1;
+            }
+            self.append(a, &items[i..j])?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Writes records at the segment's end: every byte but the first header,
+    /// then the first header, so a concurrent scanner sees all or none.
+    fn append(&self, a: &mut Active, items: &[&(ChunkId, &[u8])]) -> Result<(), FsError> {
+        let start = a.end;
+        let total: u64 = items.iter().map(|(_, d)| HDR + d.len() as u64).sum();
+        let mut buf = Vec::with_capacity(total as usize);
+        let mut records = Vec::with_capacity(items.len());
+        let mut off = start;
+        for (k, (id, data)) in items.iter().enumerate() {
+            let h = header(id, data.len() as u32);
+            if k > 0 {
+                buf.extend_from_slice(&h);
+            }
+            buf.extend_from_slice(data);
+            records.push((*id, off as u32, data.len() as u32));
+            off += HDR + data.len() as u64;
+        }
+        a.file.write_all_at(&buf, start + HDR)?;
+        let (id0, d0) = items[0];
+        a.file.write_all_at(&header(id0, d0.len() as u32), start)?;
+        a.end = off;
+        a.entries.extend_from_slice(&records);
+        self.index.lock().expect("disk index").add(a.seq, &records);
+        Ok(())
+    }
+
+    /// Makes room for a segment of `reserve` bytes and creates it; `None`
+    /// when the other segments cannot be made to leave room.
+    fn allocate(&self, reserve: u64, stats: &Stats) -> Result<Option<Active>, FsError> {
+        let _l = self.locked()?;
+        let mut listing = self.list();
+        self.recover_dead(&mut listing);
+        let mut used: u64 = listing.iter().map(|l| l.size).sum();
+        let mut evicted = Vec::new();
+        for l in listing.iter().filter(|l| !l.open) {
+            if used + reserve <= self.cap {
+                break;
+            }
+            if std::fs::remove_file(&l.path).is_ok() {
+                used -= l.size;
+                evicted.push(l.seq);
+            }
+        }
+        {
+            let mut ix = self.index.lock().expect("disk index");
+            for seq in evicted {
+                let n = ix.drop_segment(seq);
+                stats.disk_evictions.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        if used + reserve > self.cap {
+            return Ok(None);
+        }
+        // Segment numbers never repeat (a process may still know an old one):
+        // the next one is kept in the lock file.
+        let mut next = [0u8; 8];
+        let stored = self
+            .lock
+            .read_exact_at(&mut next, 0)
+            .map(|_| u64::from_le_bytes(next))
+            .unwrap_or(0);
+        let seq = stored.max(listing.last().map_or(0, |l| l.seq + 1)).max(1);
+        self.lock.write_all_at(&(seq + 1).to_le_bytes(), 0)?;
+        let path = self.dir.join(format!("{seq:016x}.open"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        flock(&file, libc::LOCK_EX | libc::LOCK_NB)?;
+        if let Err(e) = file.set_len(reserve) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e.into());
+        }
+        let file = Arc::new(file);
+        self.index.lock().expect("disk index").segs.insert(
+            seq,
+            Segment {
+                file: file.clone(),
+                open: true,
+                mine: true,
+                scanned: 0,
+                size: reserve,
+                ids: Vec::new(),
+            },
+        );
+        Ok(Some(Active {
+            seq,
+            file,
+            path,
+            end: 0,
+            reserved: reserve,
+            entries: Vec::new(),
+        }))
+    }
+
+    fn seal(&self, a: Active) {
+        // Under the lock: a listing that counts bytes sees the file once.
+        let _l = self.locked();
+        match seal_file(&a.file, &a.path, a.end, &a.entries) {
+            Ok(size) => {
+                if let Some(s) = self.index.lock().expect("disk index").segs.get_mut(&a.seq) {
+                    s.open = false;
+                    s.size = size;
+                }
+            }
+            Err(e) => tracing::warn!(path = %a.path.display(), "cannot seal a disk cache segment: {e}"),
+        }
+    }
+
+    /// Seals this process's open segment (before exiting; a segment left
+    /// open is sealed by the next process that needs room).
+    pub fn close(&self) {
+        if let Some(a) = self.writer.lock().expect("disk cache writer").take() {
+            self.seal(a);
+        }
+    }
+}
+
+impl Drop for DiskCache {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Reads and verifies the record of `id` at `loc`.
+fn read_record(file: &File, id: &ChunkId, loc: Loc) -> Result<Vec<u8>, Bad> {
+    let mut h = [0u8; HDR as usize];
+    let mut data = vec![0u8; loc.len as usize];
+    let mut iov = [
+        libc::iovec {
+            iov_base: h.as_mut_ptr().cast(),
+            iov_len: h.len(),
+        },
+        libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        },
+    ];
+    let want = HDR as usize + data.len();
+    // SAFETY: both buffers live for the call and are as long as their iovecs say.
+    let got = unsafe { libc::preadv(file.as_raw_fd(), iov.as_mut_ptr(), 2, loc.off as libc::off_t) };
+    if got < 0 {
+        return Err(Bad::Corrupt(format!(
+            "read failed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if (got as usize) < want {
+        return Err(Bad::Corrupt("record cut short".into()));
+    }
+    match parse_header(&h) {
+        Some((false, ..)) => Err(Bad::Dead),
+        Some((true, hid, len)) if hid == *id && len == loc.len => {
+            if ChunkId::of(&data) == *id {
+                Ok(data)
+            } else {
+                Err(Bad::Corrupt("bytes do not match the chunk id".into()))
+            }
+        }
+        _ => Err(Bad::Corrupt("bad record header".into())),
+    }
+}
