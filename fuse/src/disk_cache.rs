@@ -681,22 +681,23 @@ impl DiskCache {
     /// then the first header, so a concurrent scanner sees all or none.
     fn append(&self, a: &mut Active, items: &[&(ChunkId, &[u8])]) -> Result<(), FsError> {
         let start = a.end;
-        let total: u64 = items.iter().map(|(_, d)| HDR + d.len() as u64).sum();
-        let mut buf = Vec::with_capacity(total as usize);
+        let headers: Vec<[u8; HDR as usize]> = items
+            .iter()
+            .map(|(id, data)| header(id, data.len() as u32))
+            .collect();
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(items.len() * 2);
         let mut records = Vec::with_capacity(items.len());
         let mut off = start;
         for (k, (id, data)) in items.iter().enumerate() {
-            let h = header(id, data.len() as u32);
             if k > 0 {
-                buf.extend_from_slice(&h);
+                bufs.push(&headers[k]);
             }
-            buf.extend_from_slice(data);
+            bufs.push(data);
             records.push((*id, off as u32, data.len() as u32));
             off += HDR + data.len() as u64;
         }
-        a.file.write_all_at(&buf, start + HDR)?;
-        let (id0, d0) = items[0];
-        a.file.write_all_at(&header(id0, d0.len() as u32), start)?;
+        write_all_vectored_at(&a.file, bufs, start + HDR)?;
+        a.file.write_all_at(&headers[0], start)?;
         a.end = off;
         a.entries.extend_from_slice(&records);
         self.index.lock().expect("disk index").add(a.seq, &records);
@@ -800,6 +801,54 @@ impl Drop for DiskCache {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// `pwritev` of all of `bufs` at `off` (no copy into one buffer: a batch
+/// can be 16 MiB, and large short-lived buffers grow the heap).
+fn write_all_vectored_at(file: &File, mut bufs: Vec<&[u8]>, mut off: u64) -> std::io::Result<()> {
+    bufs.retain(|b| !b.is_empty());
+    let mut first = 0;
+    while first < bufs.len() {
+        let iov: Vec<libc::iovec> = bufs[first..]
+            .iter()
+            .take(1024)
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: every iovec points into a live slice of its stated length; pwritev only reads them.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as i32,
+                off as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        off += n as u64;
+        let mut n = n as usize;
+        while n > 0 {
+            if bufs[first].len() <= n {
+                n -= bufs[first].len();
+                first += 1;
+            } else {
+                bufs[first] = &bufs[first][n..];
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads and verifies the record of `id` at `loc`.

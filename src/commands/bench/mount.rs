@@ -396,6 +396,7 @@ pub fn run(args: &BenchMountArgs) -> anyhow::Result<()> {
         drop_caches()?;
         let (s, b) = read_checked(&g_small, ssz, t)?;
         record("e", "granary", rate(s, b, small.len(), true));
+        eprintln!("  mount peak RSS {} MiB", m.peak_rss() >> 20);
         peak_rss = peak_rss.max(m.peak_rss());
     }
     {
@@ -404,6 +405,7 @@ pub fn run(args: &BenchMountArgs) -> anyhow::Result<()> {
         drop_caches()?;
         let (s, b) = read_checked(&rebase(&big, &data, &mnt), bsz, t)?;
         record("b", "granary", rate(s, b, big.len(), false));
+        eprintln!("  mount peak RSS {} MiB", m.peak_rss() >> 20);
         peak_rss = peak_rss.max(m.peak_rss());
     }
     {
@@ -414,6 +416,7 @@ pub fn run(args: &BenchMountArgs) -> anyhow::Result<()> {
         drop_caches()?;
         let (s, b) = read_checked(&rebase(&small, &data, &mnt), ssz, t)?;
         record("f", "granary", rate(s, b, small.len(), true));
+        eprintln!("  mount peak RSS {} MiB", m.peak_rss() >> 20);
         peak_rss = peak_rss.max(m.peak_rss());
     }
 
