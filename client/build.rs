@@ -1,6 +1,10 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Client and server stubs: the server crate implements the generated trait.
-    tonic_prost_build::configure().compile_protos(&["proto/meta.proto", "proto/chunk.proto"], &["proto"])?;
+    // Frame reads carry `bytes::Bytes`: decoded without a copy out of the
+    // receive buffer, and cut into frames in place.
+    tonic_prost_build::configure()
+        .bytes(".granary.chunk.FrameData.data")
+        .compile_protos(&["proto/meta.proto", "proto/chunk.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto/meta.proto");
     println!("cargo:rerun-if-changed=proto/chunk.proto");
     Ok(())

@@ -304,34 +304,36 @@ impl ChunkServers {
             .map_err(|s| server_err(addr, s))?
             .into_inner();
         let total: usize = ranges.iter().map(|r| r.len as usize).sum();
-        let mut data = Vec::with_capacity(total);
+        let mut pieces = Vec::new();
+        let mut got = 0;
         while let Some(piece) = stream.message().await.map_err(|s| server_err(addr, s))? {
-            data.extend_from_slice(&piece.data);
+            got += piece.data.len();
+            if !piece.data.is_empty() {
+                pieces.push(piece.data);
+            }
         }
-        if data.len() != total {
+        if got != total {
             return Err(ClientError::Server {
                 code: tonic::Code::DataLoss,
-                message: format!(
-                    "chunk server {addr} returned {} of {total} bytes of pack {pack}",
-                    data.len()
-                ),
+                message: format!("chunk server {addr} returned {got} of {total} bytes of pack {pack}"),
             });
         }
         let mut out = Vec::with_capacity(chunks.len());
-        let mut pos = 0;
+        let mut frames = Frames {
+            pieces: &pieces,
+            piece: 0,
+            pos: 0,
+        };
         for (id, loc) in chunks {
             let len = loc.frame_len() as usize;
             let mut raw = Vec::with_capacity(loc.raw_len as usize);
-            decode_frame_into(&data[pos..pos + len], Some(id), &mut raw).map_err(|e| {
-                ClientError::Server {
-                    code: tonic::Code::DataLoss,
-                    message: format!(
-                        "chunk server {addr} returned a damaged frame of pack {pack}: {e}; \
+            decode_frame_into(&frames.next(len), Some(id), &mut raw).map_err(|e| ClientError::Server {
+                code: tonic::Code::DataLoss,
+                message: format!(
+                    "chunk server {addr} returned a damaged frame of pack {pack}: {e}; \
                          `granary admin scrub` reports it and repairs it where another copy exists"
-                    ),
-                }
+                ),
             })?;
-            pos += len;
             out.push(raw);
         }
         Ok(out)
@@ -501,5 +503,75 @@ impl PackStream {
         self.call
             .await
             .map_err(|e| ClientError::Invalid(format!("pack session task failed: {e}")))?
+    }
+}
+
+/// Consecutive frames out of a `GetFrames` reply's pieces. The server cuts
+/// pieces at frame boundaries, so a frame is borrowed in place; one that
+/// spans pieces anyway is copied together.
+struct Frames<'a> {
+    pieces: &'a [bytes::Bytes],
+    piece: usize,
+    pos: usize,
+}
+
+impl<'a> Frames<'a> {
+    /// The next `len` bytes (the caller checked that the pieces hold them all).
+    fn next(&mut self, len: usize) -> std::borrow::Cow<'a, [u8]> {
+        let pieces = self.pieces;
+        if self.piece < pieces.len() && pieces[self.piece].len() - self.pos >= len {
+            let p = &pieces[self.piece];
+            let frame = &p[self.pos..self.pos + len];
+            self.pos += len;
+            if self.pos == p.len() {
+                (self.piece, self.pos) = (self.piece + 1, 0);
+            }
+            return std::borrow::Cow::Borrowed(frame);
+        }
+        let mut joined = Vec::with_capacity(len);
+        while joined.len() < len {
+            let p = &pieces[self.piece];
+            let take = (len - joined.len()).min(p.len() - self.pos);
+            joined.extend_from_slice(&p[self.pos..self.pos + take]);
+            self.pos += take;
+            if self.pos == p.len() {
+                (self.piece, self.pos) = (self.piece + 1, 0);
+            }
+        }
+        std::borrow::Cow::Owned(joined)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Frames;
+    use bytes::Bytes;
+
+    #[test]
+    fn frames_are_borrowed_in_place_and_joined_across_pieces() {
+        let whole: Vec<u8> = (0..100u8).collect();
+        // Pieces cut at 30 and 70; frames of 10, 20, 25, 20 (spans 70), 25.
+        let pieces = vec![
+            Bytes::copy_from_slice(&whole[..30]),
+            Bytes::copy_from_slice(&whole[30..70]),
+            Bytes::copy_from_slice(&whole[70..]),
+        ];
+        let mut f = Frames {
+            pieces: &pieces,
+            piece: 0,
+            pos: 0,
+        };
+        let mut at = 0;
+        for (len, borrowed) in [(10, true), (20, true), (25, true), (20, false), (25, true)] {
+            let got = f.next(len);
+            assert_eq!(&got[..], &whole[at..at + len]);
+            assert_eq!(
+                matches!(got, std::borrow::Cow::Borrowed(_)),
+                borrowed,
+                "frame at {at}"
+            );
+            at += len;
+        }
+        assert_eq!((f.piece, f.pos), (3, 0));
     }
 }

@@ -582,12 +582,41 @@ impl Chunk for ChunkService {
             .lock()
             .expect("reads lock")
             .insert(pack_id, now_ms());
+        let wanted: usize = ranges.iter().map(|(_, l)| *l as usize).sum();
+        if data.len() != wanted {
+            return Err(Status::internal(format!(
+                "chunk server {node} read {} of {wanted} bytes of pack {pack_id}",
+                data.len()
+            )));
+        }
         let (tx, rx) = mpsc::channel(4);
+        let data = bytes::Bytes::from(data);
         tokio::spawn(async move {
-            for piece in data.chunks(READ_PIECE) {
-                if tx.send(Ok(FrameData { data: piece.to_vec() })).await.is_err() {
-                    break;
+            // Pieces of at most READ_PIECE, cut at frame boundaries (no copy:
+            // slices of one buffer), so the client decodes frames in place.
+            let (mut start, mut end) = (0, 0);
+            for (_, len) in &ranges {
+                let len = *len as usize;
+                if end > start && end + len - start > READ_PIECE {
+                    if tx
+                        .send(Ok(FrameData {
+                            data: data.slice(start..end),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    start = end;
                 }
+                end += len;
+            }
+            if end > start {
+                let _ = tx
+                    .send(Ok(FrameData {
+                        data: data.slice(start..end),
+                    }))
+                    .await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
