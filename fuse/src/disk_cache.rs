@@ -67,6 +67,9 @@ const MAX_SEGMENT: u64 = 32 << 20;
 const RELIST_AFTER: Duration = Duration::from_secs(1);
 
 const SUBDIR: &str = "segments-v2";
+/// Adjacent records read with one `preadv`: at most this many, and about this many bytes.
+const MAX_RUN_RECORDS: usize = 256;
+const MAX_RUN_BYTES: u64 = 8 << 20;
 
 /// Where a chunk's record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -584,14 +587,41 @@ impl DiskCache {
                 found[*i] = f;
             }
         }
+        // Adjacent records of one segment (a batch is usually written in the
+        // order it is read) are read with one preadv: large reads from disk.
+        let mut order: Vec<usize> = (0..ids.len()).filter(|&i| found[i].is_some()).collect();
+        order.sort_by_key(|&i| found[i].as_ref().map(|f| (f.0.seq, f.0.off)));
+        let mut results: Vec<Option<Result<Vec<u8>, Bad>>> = (0..ids.len()).map(|_| None).collect();
+        let mut k = 0;
+        while k < order.len() {
+            let (first, file, ..) = found[order[k]].as_ref().expect("found");
+            let mut end = first.off as u64 + HDR + first.len as u64;
+            let mut j = k + 1;
+            while j < order.len() && j - k < MAX_RUN_RECORDS && end - (first.off as u64) < MAX_RUN_BYTES {
+                let l = found[order[j]].as_ref().expect("found").0;
+                if l.seq != first.seq || l.off as u64 != end {
+                    break;
+                }
+                end += HDR + l.len as u64;
+                j += 1;
+            }
+            let run: Vec<(ChunkId, Loc)> = order[k..j]
+                .iter()
+                .map(|&i| (ids[i], found[i].as_ref().expect("found").0))
+                .collect();
+            for (&i, r) in order[k..j].iter().zip(read_run(file, &run)) {
+                results[i] = Some(r);
+            }
+            k = j;
+        }
         let mut renew = Vec::new();
         let mut out = Vec::with_capacity(ids.len());
-        for (id, f) in ids.iter().zip(found) {
-            let Some((loc, file, theirs_open, old)) = f else {
+        for ((id, f), result) in ids.iter().zip(found).zip(results) {
+            let (Some((loc, file, theirs_open, old)), Some(result)) = (f, result) else {
                 out.push(None);
                 continue;
             };
-            match read_record(&file, id, loc) {
+            match result {
                 Ok(data) => {
                     if old {
                         renew.push((*id, data.clone()));
@@ -851,6 +881,47 @@ fn write_all_vectored_at(file: &File, mut bufs: Vec<&[u8]>, mut off: u64) -> std
     Ok(())
 }
 
+/// Reads and verifies the adjacent records `run` (in file order) with one
+/// `preadv`; a short read falls back to one read per record.
+fn read_run(file: &File, run: &[(ChunkId, Loc)]) -> Vec<Result<Vec<u8>, Bad>> {
+    if run.len() == 1 {
+        return vec![read_record(file, &run[0].0, run[0].1)];
+    }
+    let mut headers = vec![[0u8; HDR as usize]; run.len()];
+    let mut datas: Vec<Vec<u8>> = run.iter().map(|(_, l)| vec![0u8; l.len as usize]).collect();
+    let mut iov = Vec::with_capacity(run.len() * 2);
+    for (h, d) in headers.iter_mut().zip(datas.iter_mut()) {
+        iov.push(libc::iovec {
+            iov_base: h.as_mut_ptr().cast(),
+            iov_len: h.len(),
+        });
+        iov.push(libc::iovec {
+            iov_base: d.as_mut_ptr().cast(),
+            iov_len: d.len(),
+        });
+    }
+    let want: usize = iov.iter().map(|v| v.iov_len).sum();
+    // SAFETY: every iovec points into a live buffer of its stated length (at
+    // most 2 * MAX_RUN_RECORDS of them, below IOV_MAX).
+    let got = unsafe {
+        libc::preadv(
+            file.as_raw_fd(),
+            iov.as_ptr(),
+            iov.len() as i32,
+            run[0].1.off as libc::off_t,
+        )
+    };
+    if got < 0 || (got as usize) < want {
+        return run.iter().map(|(id, loc)| read_record(file, id, *loc)).collect();
+    }
+    headers
+        .iter()
+        .zip(datas)
+        .zip(run)
+        .map(|((h, data), (id, loc))| check_record(h, data, id, *loc))
+        .collect()
+}
+
 /// Reads and verifies the record of `id` at `loc`.
 fn read_record(file: &File, id: &ChunkId, loc: Loc) -> Result<Vec<u8>, Bad> {
     let mut h = [0u8; HDR as usize];
@@ -877,7 +948,12 @@ fn read_record(file: &File, id: &ChunkId, loc: Loc) -> Result<Vec<u8>, Bad> {
     if (got as usize) < want {
         return Err(Bad::Corrupt("record cut short".into()));
     }
-    match parse_header(&h) {
+    check_record(&h, data, id, loc)
+}
+
+/// The record's bytes when its header is live and matches and its bytes hash to `id`.
+fn check_record(h: &[u8], data: Vec<u8>, id: &ChunkId, loc: Loc) -> Result<Vec<u8>, Bad> {
+    match parse_header(h) {
         Some((false, ..)) => Err(Bad::Dead),
         Some((true, hid, len)) if hid == *id && len == loc.len => {
             if ChunkId::of(&data) == *id {
