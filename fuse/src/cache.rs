@@ -211,7 +211,11 @@ pub enum Want {
 
 /// The memory cache, the optional disk cache and the fetches in flight.
 pub struct ChunkCache {
-    mem: Mutex<Lru<Bytes>>,
+    /// Chunk bytes, and whether they are staged: read from the disk cache
+    /// ahead of a reader, and dropped once read (the disk cache and the
+    /// kernel's page cache keep them; holding them here too would only fill
+    /// memory).
+    mem: Mutex<Lru<(Bytes, bool)>>,
     /// Disk writes queued (KiB permits taken by queued writes).
     pending: Arc<tokio::sync::Semaphore>,
     disk: Option<DiskCache>,
@@ -256,10 +260,20 @@ impl ChunkCache {
         }
     }
 
-    fn mem_put(&self, id: ChunkId, b: Bytes, stats: &Stats) {
+    fn mem_put(&self, id: ChunkId, b: Bytes, staged: bool, stats: &Stats) {
         let len = b.len() as u64;
-        let evicted = self.mem.lock().expect("mem cache").insert(id, b, len);
+        let evicted = self.mem.lock().expect("mem cache").insert(id, (b, staged), len);
         add(&stats.mem_evictions, evicted.len() as u64);
+    }
+
+    /// Drops staged chunks (see `mem`) that a read has consumed.
+    pub fn consumed(&self, ids: impl IntoIterator<Item = ChunkId>) {
+        let mut mem = self.mem.lock().expect("mem cache");
+        for id in ids {
+            if mem.get(&id).is_some_and(|(_, staged)| staged) {
+                mem.remove(&id);
+            }
+        }
     }
 
     /// True when `id` is in memory or on disk (without reading it).
@@ -290,7 +304,7 @@ impl ChunkCache {
                 if hit.is_none() {
                     missing.push(i);
                 }
-                out.push(hit.map(Slot::Ready));
+                out.push(hit.map(|(b, _)| Slot::Ready(b)));
             }
         }
         if read {
@@ -396,10 +410,12 @@ impl ChunkCache {
             .map_err(|e| FsError::Io(format!("disk cache task: {e}")))?;
             for (i, b) in found.into_iter().enumerate() {
                 if let Some(b) = b {
+                    // A reader has them now; a prefetch stages them for its reader.
                     if read {
                         add(&stats.disk_hits, 1);
+                    } else {
+                        self.mem_put(ids[i].id, b.clone(), true, stats);
                     }
-                    self.mem_put(ids[i].id, b.clone(), stats);
                     got[i] = Some(b);
                 }
             }
@@ -431,7 +447,7 @@ impl ChunkCache {
             let mut items = Vec::with_capacity(raws.len());
             for (raw, &i) in raws.into_iter().zip(&missing) {
                 let b = Arc::new(raw);
-                self.mem_put(ids[i].id, b.clone(), stats);
+                self.mem_put(ids[i].id, b.clone(), false, stats);
                 items.push((ids[i].id, b.clone()));
                 got[i] = Some(b);
             }

@@ -506,6 +506,10 @@ impl GranaryFs {
             .get_many(&self.source, &h.layout.chunks[span], Want::Read, &self.stats)
             .await?;
         let out = assemble(&h.layout, first, &chunks, offset, end);
+        // Chunks this read took to their end are done with (the straddling
+        // last one waits for the next read).
+        let done = (first..first + chunks.len()).take_while(|&i| h.layout.ends[i] <= end);
+        self.cache.consumed(done.map(|i| h.layout.chunks[i].id));
         self.stats
             .bytes_read
             .fetch_add(out.len() as u64, Ordering::Relaxed);
