@@ -102,7 +102,17 @@ impl FuseAdapter {
         let _rt = self.rt.enter();
         let mut f = Box::pin(f);
         let mut cx = Context::from_waker(Waker::noop());
-        if f.as_mut().poll(&mut cx).is_pending() {
+        // A panicking request must not take the fuser thread with it: its
+        // reply is dropped with the future, and fuser answers EIO.
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.as_mut().poll(&mut cx)));
+        let pending = match polled {
+            Ok(p) => p.is_pending(),
+            Err(_) => {
+                tracing::error!("a request panicked; answered EIO");
+                return;
+            }
+        };
+        if pending {
             // Polled again (with a real waker) by the runtime.
             self.rt.spawn(f);
         }

@@ -158,7 +158,7 @@ struct Listed {
 
 /// Why a record could not be served.
 enum Bad {
-    /// Marked dead (by any process): a plain miss.
+    /// Marked dead (by any process), or unreadable just now: a plain miss.
     Dead,
     /// Does not match its id or header: damaged.
     Corrupt(String),
@@ -814,7 +814,14 @@ impl DiskCache {
                     s.size = size;
                 }
             }
-            Err(e) => tracing::warn!(path = %a.path.display(), "cannot seal a disk cache segment: {e}"),
+            Err(e) => {
+                // (A full disk, say.) Left as it is, its space would stay
+                // reserved for as long as this process lives: delete it.
+                tracing::warn!(path = %a.path.display(), "cannot seal a disk cache segment ({e}); deleting it");
+                let _ = std::fs::remove_file(&a.path);
+                let _ = std::fs::remove_file(a.path.with_extension("seg"));
+                self.index.lock().expect("disk index").drop_segment(a.seq);
+            }
         }
     }
 
@@ -940,10 +947,13 @@ fn read_record(file: &File, id: &ChunkId, loc: Loc) -> Result<Vec<u8>, Bad> {
     // SAFETY: both buffers live for the call and are as long as their iovecs say.
     let got = unsafe { libc::preadv(file.as_raw_fd(), iov.as_mut_ptr(), 2, loc.off as libc::off_t) };
     if got < 0 {
-        return Err(Bad::Corrupt(format!(
-            "read failed: {}",
+        // An I/O error says nothing about the bytes: a miss, not a damaged record.
+        tracing::warn!(
+            segment = loc.seq,
+            "cannot read the disk cache: {}",
             std::io::Error::last_os_error()
-        )));
+        );
+        return Err(Bad::Dead);
     }
     if (got as usize) < want {
         return Err(Bad::Corrupt("record cut short".into()));
