@@ -100,14 +100,6 @@ impl<V: Clone> Lru<V> {
         }
     }
 
-    /// Removes and returns the least recently used entry and its size.
-    pub fn pop_oldest(&mut self) -> Option<(ChunkId, u64)> {
-        let (_, id) = self.order.pop_first()?;
-        let (_, size, _) = self.map.remove(&id)?;
-        self.total -= size;
-        Some((id, size))
-    }
-
     /// Bytes held.
     pub fn total(&self) -> u64 {
         self.total

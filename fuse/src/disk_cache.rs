@@ -276,6 +276,12 @@ fn read_footer(file: &File, size: u64) -> Option<Vec<(ChunkId, u32, u32)>> {
     Some(out)
 }
 
+/// A sealed segment's records: from its footer, or by scanning when the
+/// footer is damaged.
+fn sealed_entries(file: &File, size: u64) -> Vec<(ChunkId, u32, u32)> {
+    read_footer(file, size).unwrap_or_else(|| scan(file, 0, size).0)
+}
+
 /// Writes the footer after `end`, truncates to it, renames `.open` to `.seg`
 /// and releases the segment's flock.
 fn seal_file(file: &File, path: &Path, end: u64, entries: &[(ChunkId, u32, u32)]) -> std::io::Result<u64> {
@@ -330,17 +336,7 @@ impl DiskCache {
             for old in ["chunks-v1.usage", "chunks-v1.lock"] {
                 let _ = std::fs::remove_file(dir.join(old));
             }
-            let mut listing = cache.list();
-            cache.recover_dead(&mut listing);
-            let mut used: u64 = listing.iter().map(|l| l.size).sum();
-            for l in listing.iter().filter(|l| !l.open) {
-                if used <= cap {
-                    break;
-                }
-                if std::fs::remove_file(&l.path).is_ok() {
-                    used -= l.size;
-                }
-            }
+            cache.make_room(0);
         }
         cache.relist();
         Ok(cache)
@@ -441,8 +437,7 @@ impl DiskCache {
                     if s.open && !l.open && !s.mine {
                         // Sealed since we last looked: its footer lists every record.
                         s.open = false;
-                        let entries =
-                            read_footer(&s.file, l.size).unwrap_or_else(|| scan(&s.file, 0, l.size).0);
+                        let entries = sealed_entries(&s.file, l.size);
                         let new: Vec<_> = entries.into_iter().filter(|e| e.1 as u64 >= s.scanned).collect();
                         ix.add(l.seq, &new);
                     }
@@ -460,10 +455,7 @@ impl DiskCache {
                     let (entries, scanned) = if l.open {
                         scan(&file, 0, l.size)
                     } else {
-                        (
-                            read_footer(&file, l.size).unwrap_or_else(|| scan(&file, 0, l.size).0),
-                            l.size,
-                        )
+                        (sealed_entries(&file, l.size), l.size)
                     };
                     ix.segs.insert(
                         l.seq,
@@ -734,16 +726,17 @@ impl DiskCache {
         Ok(())
     }
 
-    /// Makes room for a segment of `reserve` bytes and creates it; `None`
-    /// when the other segments cannot be made to leave room.
-    fn allocate(&self, reserve: u64, stats: &Stats) -> Result<Option<Active>, FsError> {
-        let _l = self.locked()?;
+    /// Seals dead processes' segments, then deletes the oldest sealed
+    /// segments until `need` more bytes fit under the cap (or none is left).
+    /// Returns the listing (deleted ones included), the bytes left on disk
+    /// and the deleted segments. Call with the directory lock.
+    fn make_room(&self, need: u64) -> (Vec<Listed>, u64, Vec<u64>) {
         let mut listing = self.list();
         self.recover_dead(&mut listing);
         let mut used: u64 = listing.iter().map(|l| l.size).sum();
         let mut evicted = Vec::new();
         for l in listing.iter().filter(|l| !l.open) {
-            if used + reserve <= self.cap {
+            if used + need <= self.cap {
                 break;
             }
             if std::fs::remove_file(&l.path).is_ok() {
@@ -751,6 +744,14 @@ impl DiskCache {
                 evicted.push(l.seq);
             }
         }
+        (listing, used, evicted)
+    }
+
+    /// Makes room for a segment of `reserve` bytes and creates it; `None`
+    /// when the other segments cannot be made to leave room.
+    fn allocate(&self, reserve: u64, stats: &Stats) -> Result<Option<Active>, FsError> {
+        let _l = self.locked()?;
+        let (listing, used, evicted) = self.make_room(reserve);
         {
             let mut ix = self.index.lock().expect("disk index");
             for seq in evicted {

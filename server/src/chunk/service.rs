@@ -591,32 +591,26 @@ impl Chunk for ChunkService {
         }
         let (tx, rx) = mpsc::channel(4);
         let data = bytes::Bytes::from(data);
-        tokio::spawn(async move {
-            // Pieces of at most READ_PIECE, cut at frame boundaries (no copy:
-            // slices of one buffer), so the client decodes frames in place.
-            let (mut start, mut end) = (0, 0);
-            for (_, len) in &ranges {
-                let len = *len as usize;
-                if end > start && end + len - start > READ_PIECE {
-                    if tx
-                        .send(Ok(FrameData {
-                            data: data.slice(start..end),
-                        }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    start = end;
-                }
-                end += len;
+        // Pieces of at most READ_PIECE, cut at frame boundaries (no copy:
+        // slices of one buffer), so the client decodes frames in place.
+        let mut pieces = Vec::new();
+        let (mut start, mut end) = (0, 0);
+        for (_, len) in &ranges {
+            let len = *len as usize;
+            if end > start && end + len - start > READ_PIECE {
+                pieces.push(data.slice(start..end));
+                start = end;
             }
-            if end > start {
-                let _ = tx
-                    .send(Ok(FrameData {
-                        data: data.slice(start..end),
-                    }))
-                    .await;
+            end += len;
+        }
+        if end > start {
+            pieces.push(data.slice(start..end));
+        }
+        tokio::spawn(async move {
+            for data in pieces {
+                if tx.send(Ok(FrameData { data })).await.is_err() {
+                    break;
+                }
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
