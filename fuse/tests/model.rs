@@ -380,8 +380,51 @@ fn warm_disk_cache_serves_everything_without_fetching() {
         let fh = fs.open(ino).await.unwrap();
         assert_eq!(fs.read(fh, 0, 400_000).await.unwrap(), data);
         assert_eq!(src.fetch_calls.load(Ordering::Relaxed), 0);
-        let s = fs.stats().snapshot();
+        let mut s = fs.stats().snapshot();
         assert_eq!((s.bytes_fetched, s.disk_hits), (0, 300), "{s:?}");
+        // Disk hits handed to a waiting read are not copied into memory.
+        fs.cache().fill(&mut s);
+        assert_eq!(s.mem_bytes, 0, "{s:?}");
+    });
+}
+
+#[test]
+fn chunks_readahead_takes_from_disk_stay_in_memory_only_until_read() {
+    let (src, data) = one_file(300_000, 1000);
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rt();
+    r.block_on(async {
+        let (fs, _) = mount(src, 1 << 20, tmp.path(), 1 << 20, ra_config());
+        let fh = fs
+            .open(fs.lookup(ROOT_INO, b"f").await.unwrap().ino)
+            .await
+            .unwrap();
+        assert_eq!(fs.read(fh, 0, 400_000).await.unwrap(), data);
+        fs.cache().close().await;
+    });
+    // A fresh mount on the warm disk cache reads the file sequentially:
+    // readahead stages the next chunks from disk, each read drops what it took.
+    let (src2, _) = one_file(300_000, 1000);
+    r.block_on(async {
+        let (fs, src) = mount(src2, 1 << 20, tmp.path(), 1 << 20, ra_config());
+        let fh = fs
+            .open(fs.lookup(ROOT_INO, b"f").await.unwrap().ino)
+            .await
+            .unwrap();
+        let mut whole = Vec::new();
+        while whole.len() < data.len() {
+            whole.extend(fs.read(fh, whole.len() as u64, 1000).await.unwrap());
+        }
+        assert_eq!(whole, data);
+        assert_eq!(src.fetch_calls.load(Ordering::Relaxed), 0);
+        let mut s = fs.stats().snapshot();
+        assert!(
+            s.mem_hits > 100,
+            "readahead staged chunks the reads found in memory: {s:?}"
+        );
+        fs.cache().fill(&mut s);
+        // Staged chunks are gone once read (before, all 300 stayed: 300,000 bytes).
+        assert_eq!(s.mem_bytes, 0, "{s:?}");
     });
 }
 
