@@ -244,12 +244,16 @@ async fn follower_down_for_20000_entries_catches_up_through_a_snapshot() {
     );
 
     // The survivors' logs moved on by 20,000+ entries and were purged past
-    // everything the lagging node has.
+    // everything the lagging node has, so it can only catch up through a
+    // snapshot. (A snapshot is built every 10,000 applied entries and keeps
+    // 1,000 entries of log behind it; whether the second one is due yet
+    // depends on how many other entries, such as heartbeats, interleaved,
+    // so the test asks only for what the claim needs.)
     let leader = c.wait_leader(&others, 10 * SEC).await;
     let ls = wait_for("the leader to purge its log", 30 * SEC, || async {
         let s = c.status(leader).await?;
         match s.purged_index {
-            Some(p) if p > old_last + 10_000 => Ok(s),
+            Some(p) if p > old_last + 1_000 => Ok(s),
             _ => Err(format!(
                 "purged {:?}, snapshot {:?}",
                 s.purged_index, s.snapshot_index
@@ -272,7 +276,7 @@ async fn follower_down_for_20000_entries_catches_up_through_a_snapshot() {
         }
     })
     .await;
-    assert!(s.snapshot_index.unwrap() > old_last + 10_000);
+    assert!(s.snapshot_index.unwrap() > purged, "{s:?}");
     let st = c.wait_converged(&all, 60 * SEC).await;
     assert!(st.applied_index.unwrap() >= old_last + TASKS * PER_TASK);
 

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use granary_core::frame::decode_frame_into;
+use bytes::Bytes;
+use granary_core::frame::decode_frame_shared;
 use granary_core::ChunkId;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -218,7 +219,7 @@ impl ChunkServers {
         &self,
         pack: u64,
         chunks: &[(ChunkId, Location)],
-    ) -> Result<Vec<Vec<u8>>, ClientError> {
+    ) -> Result<Vec<Bytes>, ClientError> {
         let mut copies = self.copies(pack, false).await?;
         let mut refreshed = false;
         loop {
@@ -243,7 +244,7 @@ impl ChunkServers {
         pack: u64,
         copies: &PackCopies,
         chunks: &[(ChunkId, Location)],
-    ) -> Result<Vec<Vec<u8>>, ClientError> {
+    ) -> Result<Vec<Bytes>, ClientError> {
         let sources = self.sources(pack, copies).await?;
         if sources.is_empty() {
             return Err(ClientError::Server {
@@ -291,7 +292,7 @@ impl ChunkServers {
         object_key: &str,
         ranges: &[FrameRange],
         chunks: &[(ChunkId, Location)],
-    ) -> Result<Vec<Vec<u8>>, ClientError> {
+    ) -> Result<Vec<Bytes>, ClientError> {
         let mut client = self.client(addr)?;
         let req = GetFramesRequest {
             pack_id: pack,
@@ -326,8 +327,8 @@ impl ChunkServers {
         };
         for (id, loc) in chunks {
             let len = loc.frame_len() as usize;
-            let mut raw = Vec::with_capacity(loc.raw_len as usize);
-            decode_frame_into(&frames.next(len), Some(id), &mut raw).map_err(|e| ClientError::Server {
+            // A stored-raw chunk stays a slice of the received piece (no copy).
+            let raw = decode_frame_shared(frames.next(len), Some(id)).map_err(|e| ClientError::Server {
                 code: tonic::Code::DataLoss,
                 message: format!(
                     "chunk server {addr} returned a damaged frame of pack {pack}: {e}; \
@@ -343,9 +344,9 @@ impl ChunkServers {
     /// pack's frames in as few calls as possible. Returns raw chunks in order.
     /// When a pack cannot be read, its chunks are located again once (GC
     /// compaction may have just moved them to another pack).
-    pub async fn fetch(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, ClientError> {
+    pub async fn fetch(&self, ids: &[ChunkId]) -> Result<Vec<Bytes>, ClientError> {
         let mut locations = self.locate(ids).await?;
-        let mut out: Vec<Vec<u8>> = vec![Vec::new(); ids.len()];
+        let mut out: Vec<Bytes> = vec![Bytes::new(); ids.len()];
         let mut pending: Vec<usize> = (0..ids.len()).collect();
         for attempt in 0..2 {
             let mut by_pack: HashMap<u64, Vec<usize>> = HashMap::new();
@@ -510,23 +511,25 @@ impl PackStream {
 /// pieces at frame boundaries, so a frame is borrowed in place; one that
 /// spans pieces anyway is copied together.
 struct Frames<'a> {
-    pieces: &'a [bytes::Bytes],
+    pieces: &'a [Bytes],
     piece: usize,
     pos: usize,
 }
 
 impl<'a> Frames<'a> {
-    /// The next `len` bytes (the caller checked that the pieces hold them all).
-    fn next(&mut self, len: usize) -> std::borrow::Cow<'a, [u8]> {
+    /// The next `len` bytes (the caller checked that the pieces hold them
+    /// all): a slice of the piece that holds them, or a copy when they span
+    /// pieces.
+    fn next(&mut self, len: usize) -> Bytes {
         let pieces = self.pieces;
         if self.piece < pieces.len() && pieces[self.piece].len() - self.pos >= len {
             let p = &pieces[self.piece];
-            let frame = &p[self.pos..self.pos + len];
+            let frame = p.slice(self.pos..self.pos + len);
             self.pos += len;
             if self.pos == p.len() {
                 (self.piece, self.pos) = (self.piece + 1, 0);
             }
-            return std::borrow::Cow::Borrowed(frame);
+            return frame;
         }
         let mut joined = Vec::with_capacity(len);
         while joined.len() < len {
@@ -538,14 +541,13 @@ impl<'a> Frames<'a> {
                 (self.piece, self.pos) = (self.piece + 1, 0);
             }
         }
-        std::borrow::Cow::Owned(joined)
+        Bytes::from(joined)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Frames;
-    use bytes::Bytes;
+    use super::{Bytes, Frames};
 
     #[test]
     fn frames_are_borrowed_in_place_and_joined_across_pieces() {
@@ -565,11 +567,8 @@ mod tests {
         for (len, borrowed) in [(10, true), (20, true), (25, true), (20, false), (25, true)] {
             let got = f.next(len);
             assert_eq!(&got[..], &whole[at..at + len]);
-            assert_eq!(
-                matches!(got, std::borrow::Cow::Borrowed(_)),
-                borrowed,
-                "frame at {at}"
-            );
+            let inside = pieces.iter().any(|p| p.as_ptr_range().contains(&got.as_ptr()));
+            assert_eq!(inside, borrowed, "frame at {at}");
             at += len;
         }
         assert_eq!((f.piece, f.pos), (3, 0));

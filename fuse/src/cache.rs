@@ -27,8 +27,9 @@ pub use crate::disk_cache::DiskCache;
 use crate::error::FsError;
 use crate::source::Source;
 
-/// A chunk's bytes, shared between caches and readers.
-pub type Bytes = Arc<Vec<u8>>;
+/// A chunk's bytes, shared between caches and readers (a chunk fetched
+/// stored-raw is a slice of the buffer it arrived in).
+pub type Bytes = bytes::Bytes;
 
 /// A least-recently-used map of chunk id to value, bounded by total size.
 pub struct Lru<V> {
@@ -395,7 +396,7 @@ impl ChunkCache {
                 let disk = this.disk.as_ref().expect("disk cache");
                 disk.get_many(&list, &st)
                     .into_iter()
-                    .map(|b| b.map(Arc::new))
+                    .map(|b| b.map(Bytes::from))
                     .collect::<Vec<_>>()
             })
             .await
@@ -437,8 +438,7 @@ impl ChunkCache {
             add(&stats.chunks_fetched, raws.len() as u64);
             add(&stats.bytes_fetched, raws.iter().map(|b| b.len() as u64).sum());
             let mut items = Vec::with_capacity(raws.len());
-            for (raw, &i) in raws.into_iter().zip(&missing) {
-                let b = Arc::new(raw);
+            for (b, &i) in raws.into_iter().zip(&missing) {
                 self.mem_put(ids[i].id, b.clone(), false, stats);
                 items.push((ids[i].id, b.clone()));
                 got[i] = Some(b);
@@ -461,8 +461,7 @@ impl ChunkCache {
                 let st = stats.clone();
                 tokio::task::spawn_blocking(move || {
                     let disk = this.disk.as_ref().expect("disk cache");
-                    let refs: Vec<(ChunkId, &[u8])> =
-                        items.iter().map(|(id, b)| (*id, b.as_slice())).collect();
+                    let refs: Vec<(ChunkId, &[u8])> = items.iter().map(|(id, b)| (*id, &b[..])).collect();
                     if let Err(e) = disk.put_many(&refs, &st) {
                         tracing::warn!(chunks = refs.len(), "cannot write the disk cache: {e}");
                     }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use granary_client::VersionReader;
 use granary_core::tree::{EntryData, FileContent};
@@ -29,7 +30,7 @@ pub trait Source: Send + Sync + 'static {
     /// A file entry's chunk list.
     fn chunk_list<'a>(&'a self, entry: &'a TreeEntry) -> BoxFuture<'a, Result<Vec<ChunkRef>, FsError>>;
     /// The raw bytes of `ids`, in order. The implementation verifies them.
-    fn fetch<'a>(&'a self, ids: &'a [ChunkId]) -> BoxFuture<'a, Result<Vec<Vec<u8>>, FsError>>;
+    fn fetch<'a>(&'a self, ids: &'a [ChunkId]) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>>;
 }
 
 /// A version read through the client SDK.
@@ -64,7 +65,7 @@ impl Source for ClientSource {
         Box::pin(async move { Ok(self.reader.chunk_list(entry).await?) })
     }
 
-    fn fetch<'a>(&'a self, ids: &'a [ChunkId]) -> BoxFuture<'a, Result<Vec<Vec<u8>>, FsError>> {
+    fn fetch<'a>(&'a self, ids: &'a [ChunkId]) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>> {
         // `ChunkServers::fetch` verifies every frame against its chunk id (BLAKE3).
         Box::pin(async move { Ok(self.reader.chunk_servers().fetch(ids).await?) })
     }
@@ -142,7 +143,7 @@ impl Source for MemSource {
         })
     }
 
-    fn fetch<'a>(&'a self, ids: &'a [ChunkId]) -> BoxFuture<'a, Result<Vec<Vec<u8>>, FsError>> {
+    fn fetch<'a>(&'a self, ids: &'a [ChunkId]) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>> {
         Box::pin(async move {
             self.fetch_calls.fetch_add(1, Ordering::Relaxed);
             if self.fail.load(Ordering::Relaxed) {
@@ -153,7 +154,7 @@ impl Source for MemSource {
                 .map(|id| {
                     self.chunks
                         .get(id)
-                        .cloned()
+                        .map(|c| Bytes::copy_from_slice(c))
                         .ok_or_else(|| FsError::Remote(format!("chunk {id} missing")))
                 })
                 .collect()
