@@ -265,8 +265,10 @@ pub fn frame_chunk(raw: &[u8]) -> (ChunkId, Vec<u8>) {
 }
 
 /// Checks everything about the frame that fills `frame` exactly except its
-/// content hash: header, expected chunk, length and CRC.
-fn check_frame(frame: &[u8], expected: Option<&ChunkId>) -> Result<FrameHeader, FrameError> {
+/// content: header, expected chunk, length and CRC-32 (which covers the
+/// header and the stored bytes), without decompressing or hashing. Catches
+/// damage to a frame that was fully verified once.
+pub fn check_frame(frame: &[u8], expected: Option<&ChunkId>) -> Result<FrameHeader, FrameError> {
     let header = FrameHeader::parse(frame)?;
     if let Some(expected) = expected {
         if *expected != header.id {

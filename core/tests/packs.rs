@@ -57,6 +57,8 @@ fn sealed_pack_reads_back_and_verifies() {
     }
     let report = r.verify().unwrap();
     assert_eq!((report.ok, report.bad.len()), (50, 0));
+    let report = r.verify_crc().unwrap();
+    assert_eq!((report.ok, report.bad.len()), (50, 0));
     let missing = ChunkId::of(b"not here");
     assert!(matches!(r.read_chunk(&missing), Err(PackError::NotFound { .. })));
     // A sealed pack cannot be reopened for appending.
@@ -77,11 +79,21 @@ fn every_flipped_byte_of_a_sealed_pack_is_reported() {
         let mut bad = good.clone();
         bad[i] ^= 0x5a;
         std::fs::write(&path, &bad).unwrap();
-        let detected = match PackReader::open(&path) {
-            Err(_) => true,
-            Ok(r) => !r.verify().unwrap().bad.is_empty(),
+        // Both the full check and the CRC-only one (used before a pack is
+        // copied to the object tier) notice it.
+        let (full, crc) = match PackReader::open(&path) {
+            Err(_) => (true, true),
+            Ok(r) => (
+                !r.verify().unwrap().bad.is_empty(),
+                !r.verify_crc().unwrap().bad.is_empty(),
+            ),
         };
-        assert!(detected, "flip at byte {i} of {} went unnoticed", good.len());
+        assert!(full, "flip at byte {i} of {} went unnoticed", good.len());
+        assert!(
+            crc,
+            "flip at byte {i} of {} went unnoticed by the CRC check",
+            good.len()
+        );
     }
 }
 

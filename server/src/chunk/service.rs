@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::object_blocks::ObjectBlocks;
 use super::peers::ChunkPeers;
-use super::store::{verify_pack, PackStore};
+use super::store::{verify_pack, verify_pack_crc, PackStore};
 use crate::object::ObjectTier;
 
 /// Largest piece of frame data in one streamed reply message.
@@ -641,12 +641,14 @@ impl Chunk for ChunkService {
             )));
         }
         crate::fault::point("upload-before-put");
-        // Verify every frame while the upload runs (both read the same file,
-        // mostly from the page cache): a damaged local copy must not become
-        // the object-tier copy.
+        // Check every frame's CRC while the upload runs (both read the same
+        // file, mostly from the page cache): a damaged local copy must not
+        // become the object-tier copy. The pack was verified in full (BLAKE3)
+        // when it was written; the CRC finds damage since, at a fraction of
+        // the CPU a full check takes from the upload.
         let verify = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || verify_pack(&path, pack_id))
+            tokio::task::spawn_blocking(move || verify_pack_crc(&path, pack_id))
         };
         let (put, verified) = tokio::join!(self.inner.objects.put_file(&object_key, &path), verify);
         let verified = verified.map_err(internal)?;

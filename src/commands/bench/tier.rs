@@ -286,10 +286,14 @@ fn raw_put(
 
 /// Reads every file of `files` (paths under `data`) under the mountpoint
 /// `mnt` from a cold page cache, with `threads` threads.
+/// Reads `files` (paths under `data`) at the same paths under `under`, a
+/// directory of the mount at `mnt`.
+#[allow(clippy::too_many_arguments)]
 fn cold_read(
     files: &[PathBuf],
     data: &Path,
     mnt: &Path,
+    under: &Path,
     size: usize,
     threads: usize,
     moto_pid: Option<u32>,
@@ -297,7 +301,7 @@ fn cold_read(
 ) -> anyhow::Result<Step> {
     let on_mount: Vec<PathBuf> = files
         .iter()
-        .map(|p| mnt.join(p.strip_prefix(data).expect("under the data directory")))
+        .map(|p| under.join(p.strip_prefix(data).expect("under the data directory")))
         .collect();
     drop_caches()?;
     let watch = CpuWatch::start(&[
@@ -458,6 +462,7 @@ pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
             &files,
             &data,
             &mnt,
+            &mnt,
             file_size,
             args.threads,
             moto_pid,
@@ -533,8 +538,27 @@ pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
         if cache.exists() {
             std::fs::remove_dir_all(&cache)?;
         }
-        let _m = RcloneMount::new(Path::new(&remote), &rmnt, &cache, &root.join("rclone.log"))?;
-        let step = cold_read(&files, &data, &rmnt, file_size, args.threads, moto_pid, None)?;
+        // The bucket is mounted, not the copy's prefix: rclone checks a
+        // remote's path with a HEAD first, which s3s-fs answers with 500
+        // (not 404) when the key is a "directory" of its files, and rclone
+        // then retries for ever.
+        let _m = RcloneMount::new(
+            Path::new(&format!("s3:{bucket}")),
+            &rmnt,
+            &cache,
+            &root.join("rclone.log"),
+        )?;
+        let under = rmnt.join(&prefix).join("rclone");
+        let step = cold_read(
+            &files,
+            &data,
+            &rmnt,
+            &under,
+            file_size,
+            args.threads,
+            moto_pid,
+            None,
+        )?;
         eprintln!("  {:.0} MB/s", step.mbps());
         Ok(step)
     };
