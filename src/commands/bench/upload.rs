@@ -166,6 +166,49 @@ fn modify(data: &Path, files: &[PathBuf], file_kib: usize) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Seconds to write `bytes` to new files under `dir` the way a chunk server
+/// stores packs: 64 MiB files, two written at a time, each fdatasync'd before
+/// it counts. Every pack of an upload is fsynced before it is acknowledged,
+/// so this is the most a fresh upload of incompressible data can reach here.
+fn durable_write_secs(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
+    const FILE: u64 = 64 << 20;
+    std::fs::create_dir_all(dir)?;
+    let block = vec![0x5au8; 1 << 20];
+    let files = bytes.div_ceil(FILE);
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| -> std::io::Result<()> {
+                    loop {
+                        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if n >= files {
+                            return Ok(());
+                        }
+                        let len = FILE.min(bytes - n * FILE);
+                        let mut f = std::fs::File::create(dir.join(format!("{n}.pack")))?;
+                        let mut left = len as usize;
+                        while left > 0 {
+                            let k = left.min(block.len());
+                            f.write_all(&block[..k])?;
+                            left -= k;
+                        }
+                        f.sync_data()?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("writer thread"))
+    })
+    .with_context(|| format!("writing {}", dir.display()))?;
+    let secs = started.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(dir)?;
+    Ok(secs)
+}
+
 pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
     ensure_restic()?;
     let exe = std::env::current_exe()?;
@@ -225,6 +268,9 @@ pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
         .find_map(|v| v["snapshot_id"].as_str().map(String::from))
         .context("restic printed no snapshot id")?;
 
+    eprintln!("durable write ceiling of this disk");
+    let ceiling_secs = durable_write_secs(&root.join("ceiling"), g_stored1)?;
+
     modify(&data, &files, args.file_kib)?;
     std::thread::sleep(Duration::from_secs(3));
     let total2 = du(&data);
@@ -251,6 +297,10 @@ pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
         "v2": {"granary_mbps": mbps(total2, g2.secs), "restic_mbps": mbps(total2, r2.secs),
                "ratio": r2.secs / g2.secs, "target": 1.5,
                "granary_new_bytes": g2v["new_bytes"], "granary_cached_files": g2v["cached_files"]},
+        "durable_ceiling": {"stored_mbps": mbps(g_stored1, ceiling_secs),
+                            "input_mbps": mbps(total, ceiling_secs),
+                            "ratio_to_restic": r1.secs / ceiling_secs,
+                            "granary_share": ceiling_secs / g1.secs},
         "v2_growth_percent": {"granary": growth(g_stored1, g_stored2), "restic": growth(r_stored1, r_stored2)},
         "peak_rss_bytes": {"server": server_rss, "client_fresh": g1.max_rss, "client_v2": g2.max_rss,
                            "restic_fresh": r1.max_rss, "target": 512u64 << 20},
@@ -293,6 +343,17 @@ pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
         v["restic_mbps"].as_f64().unwrap_or(0.0),
         v["ratio"].as_f64().unwrap_or(0.0),
         ok(v["ratio"].as_f64().unwrap_or(0.0) >= 1.5)
+    )?;
+    let c = &rows["durable_ceiling"];
+    writeln!(
+        out,
+        "{:<28} {:>9.0} MB/s {:>12} {:>7.2}x  (fsync'd 64 MiB files, 2 at a time, {:.0} MB/s of stored bytes; granary reached {:.0}% of it)",
+        "  disk's durable ceiling",
+        c["input_mbps"].as_f64().unwrap_or(0.0),
+        "",
+        c["ratio_to_restic"].as_f64().unwrap_or(0.0),
+        c["stored_mbps"].as_f64().unwrap_or(0.0),
+        c["granary_share"].as_f64().unwrap_or(0.0) * 100.0,
     )?;
     let (ggr, rgr) = (
         gr["granary"].as_f64().unwrap_or(0.0),
