@@ -293,6 +293,18 @@ fn run_mounted(
         let _ = writeln!(r, "ok");
     }
     tracing::info!("mounted {name} at {}", mountpoint.display());
+    // Freed chunk buffers stay in glibc's heap; handing their pages back
+    // keeps the mount near its caches. Every 100 ms: at 500 ms the heap grew
+    // by what passed through between trims (a warm read with a 256 MiB
+    // memory cache peaked at 360-480 MiB).
+    std::thread::Builder::new()
+        .name("granary-trim".into())
+        .spawn(|| loop {
+            std::thread::sleep(Duration::from_millis(100));
+            // SAFETY: malloc_trim only returns free heap pages to the kernel.
+            unsafe { libc::malloc_trim(0) };
+        })
+        .context("starting the heap trimmer")?;
     let signalled = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
@@ -305,11 +317,6 @@ fn run_mounted(
                 _ = int.recv() => return Ok(true),
                 _ = hup.recv() => return Ok(true),
                 _ = tick.tick() => {
-                    // Freed chunk buffers stay in glibc's heap; handing their
-                    // pages back keeps the mount near its caches (a cold 1 GiB
-                    // read peaked at 1,130 MiB without this, 1,075 with it).
-                    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-                    unsafe { libc::malloc_trim(0) };
                     write_stats(&stats_file, &base, &fs, true);
                     if bg.guard.is_finished() {
                         return Ok(false);
