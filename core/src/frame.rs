@@ -324,8 +324,12 @@ fn decode_checked(header: &FrameHeader, payload: &[u8], out: &mut Vec<u8>) -> Re
             }
         }
     }
-    if ChunkId::of(&out[start..]) != header.id {
-        out.truncate(start);
+    check_hash(header, &out[start..]).inspect_err(|_| out.truncate(start))
+}
+
+/// The raw bytes of a frame must hash to its chunk id.
+fn check_hash(header: &FrameHeader, raw: &[u8]) -> Result<(), FrameError> {
+    if ChunkId::of(raw) != header.id {
         return Err(FrameError::HashMismatch(header.id));
     }
     Ok(())
@@ -340,9 +344,7 @@ pub fn decode_frame_shared(frame: Bytes, expected: Option<&ChunkId>) -> Result<B
     match header.codec {
         Codec::Raw => {
             let raw = frame.slice(FRAME_HEADER_LEN..);
-            if ChunkId::of(&raw) != header.id {
-                return Err(FrameError::HashMismatch(header.id));
-            }
+            check_hash(&header, &raw)?;
             Ok(raw)
         }
         Codec::Lz4 => {

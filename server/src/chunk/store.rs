@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use granary_core::pack::{PackReader, PackWriter, SealedPack};
@@ -189,8 +189,7 @@ impl PackStore {
     }
 
     /// Reads byte ranges of sealed pack `id` into one buffer, in order.
-    /// Ranges that follow each other in the pack are read with one `pread`,
-    /// into the buffer's spare capacity (not zeroed first).
+    /// Ranges that follow each other in the pack are read with one `pread`.
     pub fn read_ranges(&self, id: u64, ranges: &[(u64, u32)]) -> io::Result<Vec<u8>> {
         let path = self.sealed_path(id);
         let file = File::open(&path)?;
@@ -209,41 +208,11 @@ impl PackStore {
             }
         }
         let total: usize = runs.iter().map(|(_, l)| l).sum();
-        let mut out: Vec<u8> = Vec::with_capacity(total);
+        let mut out = vec![0u8; total];
+        let mut pos = 0;
         for (offset, n) in runs {
-            let mut done = 0;
-            while done < n {
-                let spare = &mut out.spare_capacity_mut()[..n - done];
-                // SAFETY: `spare` is writable memory of `spare.len()` bytes
-                // owned by `out`; pread writes at most that many.
-                let r = unsafe {
-                    libc::pread(
-                        file.as_raw_fd(),
-                        spare.as_mut_ptr().cast(),
-                        spare.len(),
-                        (offset + done as u64) as libc::off_t,
-                    )
-                };
-                match r {
-                    0 => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("pack {id} ended while reading {offset}+{n}"),
-                        ))
-                    }
-                    r if r < 0 => {
-                        let e = io::Error::last_os_error();
-                        if e.kind() != io::ErrorKind::Interrupted {
-                            return Err(e);
-                        }
-                    }
-                    r => {
-                        // SAFETY: pread initialized the next `r` bytes.
-                        unsafe { out.set_len(out.len() + r as usize) };
-                        done += r as usize;
-                    }
-                }
-            }
+            file.read_exact_at(&mut out[pos..pos + n], offset)?;
+            pos += n;
         }
         Ok(out)
     }

@@ -284,10 +284,9 @@ fn raw_put(
     Ok(Step { secs, bytes, cpu })
 }
 
-/// Reads every file of `files` (paths under `data`) under the mountpoint
-/// `mnt` from a cold page cache, with `threads` threads.
-/// Reads `files` (paths under `data`) at the same paths under `under`, a
-/// directory of the mount at `mnt`.
+/// Reads every file of `files` (paths under `data`) at the same paths under
+/// `under`, a directory of the mount at `mnt` (whose process is watched),
+/// from a cold page cache, with `threads` threads.
 #[allow(clippy::too_many_arguments)]
 fn cold_read(
     files: &[PathBuf],
