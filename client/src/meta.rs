@@ -37,6 +37,7 @@ pub(crate) fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
         .tcp_nodelay(true)
         .initial_stream_window_size(crate::STREAM_WINDOW)
         .initial_connection_window_size(crate::CONNECTION_WINDOW)
+        .max_frame_size(crate::MAX_FRAME)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5)))
 }

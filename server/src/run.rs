@@ -257,6 +257,7 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(granary_client::STREAM_WINDOW)
         .initial_connection_window_size(granary_client::CONNECTION_WINDOW)
+        .max_frame_size(granary_client::MAX_FRAME)
         .add_service(PeerService::server(node.clone()))
         .add_service(MetaService::new(cluster.clone()).server())
         .add_optional_service(chunk_service.clone().map(ChunkService::server));
