@@ -7,7 +7,10 @@
 //! future: every reader waiting for one of its chunks is woken when it lands,
 //! and the batch itself fills the memory cache before it completes.
 //!
-//! The memory cache is a byte-bounded LRU ([`Lru`]). The disk cache
+//! The memory cache is a byte-bounded LRU ([`Lru`]). With a disk cache it
+//! stages chunks: what readahead or a fetch brought in is kept until a read
+//! has consumed it (see [`ChunkCache::consumed`]); without one it keeps every
+//! fetched chunk, least recently used out first. The disk cache
 //! ([`DiskCache`], in `disk_cache.rs`) appends chunks to segment files,
 //! re-hashes every chunk it reads with BLAKE3 (a damaged one is counted as
 //! `corrupt` and fetched again) and may be shared by several processes.
@@ -439,7 +442,11 @@ impl ChunkCache {
             add(&stats.bytes_fetched, raws.iter().map(|b| b.len() as u64).sum());
             let mut items = Vec::with_capacity(raws.len());
             for (b, &i) in raws.into_iter().zip(&missing) {
-                self.mem_put(ids[i].id, b.clone(), false, stats);
+                // With a disk cache, fetched chunks are staged: kept until
+                // read, then the disk cache (and the kernel's page cache of
+                // the file) hold them. Kept in memory as well they only
+                // filled it, a new page for every byte fetched.
+                self.mem_put(ids[i].id, b.clone(), self.disk.is_some(), stats);
                 items.push((ids[i].id, b.clone()));
                 got[i] = Some(b);
             }

@@ -429,6 +429,39 @@ fn chunks_readahead_takes_from_disk_stay_in_memory_only_until_read() {
 }
 
 #[test]
+fn fetched_chunks_stay_in_memory_only_until_read_when_a_disk_cache_exists() {
+    // 50 chunks of 1,000 bytes, read whole with a 1 MiB memory cache.
+    let read_all = |disk: Option<DiskCache>| {
+        let (src, data) = one_file(50_000, 1000);
+        let src = Arc::new(src);
+        let r = rt();
+        r.block_on(async {
+            let cache = ChunkCache::new(1 << 20, disk);
+            let fs = GranaryFs::new(src.clone(), cache.clone(), FsConfig::default());
+            let ino = fs.lookup(ROOT_INO, b"f").await.unwrap().ino;
+            let got = fs.read_inode(ino, 0, 50_000).await.unwrap();
+            assert_eq!(got, data);
+            cache.flush().await;
+            let mut s = fs.stats().snapshot();
+            cache.fill(&mut s);
+            // Read again: from memory or disk, never fetched twice.
+            assert_eq!(fs.read_inode(ino, 0, 50_000).await.unwrap(), data);
+            assert_eq!(src.chunks_fetched.load(std::sync::atomic::Ordering::Relaxed), 50);
+            cache.close().await;
+            s.mem_bytes
+        })
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    assert_eq!(
+        read_all(Some(DiskCache::open(tmp.path(), 1 << 20).unwrap())),
+        0,
+        "with a disk cache, consumed chunks leave memory"
+    );
+    assert!(disk_bytes(tmp.path()) > 50_000, "and are on disk");
+    assert_eq!(read_all(None), 50_000, "without one, memory keeps them");
+}
+
+#[test]
 fn disk_cache_respects_its_cap_and_reopens_within_it() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, _) = one_file(100_000, 1000);
