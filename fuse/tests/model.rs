@@ -446,7 +446,7 @@ fn fetched_chunks_stay_in_memory_only_until_read_when_a_disk_cache_exists() {
             cache.fill(&mut s);
             // Read again: from memory or disk, never fetched twice.
             assert_eq!(fs.read_inode(ino, 0, 50_000).await.unwrap(), data);
-            assert_eq!(src.chunks_fetched.load(std::sync::atomic::Ordering::Relaxed), 50);
+            assert_eq!(src.chunks_fetched.load(Ordering::Relaxed), 50);
             cache.close().await;
             s.mem_bytes
         })
