@@ -232,7 +232,10 @@ pub struct GranaryFs {
     /// File-order readahead per directory inode.
     dir_ra: Mutex<HashMap<u64, DirReadahead>>,
     next_fh: AtomicU64,
+    /// Prefetch bytes reserved and not yet landed (at most `cfg.readahead_global`).
     prefetch_inflight: Arc<AtomicU64>,
+    /// The most `prefetch_inflight` has been (for tests).
+    prefetch_peak: AtomicU64,
 }
 
 fn ino_of(path: &[u8]) -> u64 {
@@ -269,6 +272,7 @@ impl GranaryFs {
             dir_ra: Mutex::default(),
             next_fh: AtomicU64::new(1),
             prefetch_inflight: Arc::default(),
+            prefetch_peak: AtomicU64::new(0),
         })
     }
 
@@ -520,7 +524,7 @@ impl GranaryFs {
     /// starts prefetching when the read continues a sequential streak.
     fn readahead(&self, h: &Handle, offset: u64, end: u64) {
         let layout = &h.layout;
-        let (from, to) = {
+        let chunks = {
             let mut ra = h.ra.lock().expect("readahead state");
             if offset == ra.next {
                 ra.streak += 1;
@@ -542,22 +546,40 @@ impl GranaryFs {
             if to <= from || (to - from < ra.window / 2 && to < layout.size()) {
                 return;
             }
-            let bytes = to - from;
-            let inflight = self.prefetch_inflight.load(Ordering::Relaxed);
-            if inflight + bytes > self.cfg.readahead_global {
+            let span = layout.span(from, to);
+            // Skip chunks the current read already asks for.
+            let skip = layout.span(offset, end).end;
+            let chunks = &layout.chunks[span.start.max(skip)..span.end];
+            if !self.reserve_prefetch(chunks.iter().map(|c| c.len as u64).sum()) {
                 return;
             }
             ra.issued_to = to;
-            (from, to)
+            chunks
         };
-        let span = layout.span(from, to);
-        // Skip chunks the current read already asks for.
-        let skip = layout.span(offset, end).end;
         let mut batches = self.batches();
-        for &c in &layout.chunks[span.start.max(skip)..span.end] {
+        for &c in chunks {
             batches.push(c);
         }
         batches.flush();
+    }
+
+    /// Reserves `bytes` of the mount's prefetch budget (`readahead_global`),
+    /// or returns false when that would pass it. A prefetch reserves before
+    /// it is issued and gives its bytes back as its batches land, so readers
+    /// deciding at the same moment cannot pass the budget together.
+    fn reserve_prefetch(&self, bytes: u64) -> bool {
+        let cap = self.cfg.readahead_global;
+        match self
+            .prefetch_inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                cur.checked_add(bytes).filter(|&n| n <= cap)
+            }) {
+            Ok(before) => {
+                self.prefetch_peak.fetch_max(before + bytes, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Updates the file-order readahead of the directory holding `ino` for a
@@ -575,7 +597,7 @@ impl GranaryFs {
         let Ok(pos) = entries.binary_search_by(|e| e.name.as_slice().cmp(name)) else {
             return;
         };
-        let (from, to) = {
+        let (from, to, reserved) = {
             let mut states = self.dir_ra.lock().expect("directory readahead");
             if states.len() >= DIR_STATES && !states.contains_key(&dir.ino) {
                 states.clear();
@@ -613,22 +635,22 @@ impl GranaryFs {
                 bytes += entries[to].size();
                 to += 1;
             }
-            let inflight = self.prefetch_inflight.load(Ordering::Relaxed);
-            if to == from || inflight + bytes > self.cfg.readahead_global {
+            if to == from || !self.reserve_prefetch(bytes) {
                 return;
             }
             ra.issued_to = to;
-            (from, to)
+            (from, to, bytes)
         };
         let files: Vec<TreeEntry> = entries[from..to]
             .iter()
             .filter(|e| e.kind() == EntryKind::File && e.size() > 0)
             .cloned()
             .collect();
+        let (source, mut batches) = (self.source.clone(), self.batches());
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            batches.give_back(reserved);
             return;
         };
-        let (source, mut batches) = (self.source.clone(), self.batches());
         rt.spawn(async move {
             for entry in &files {
                 // Inline lists are at hand; a spilled one is one fetch (cached).
@@ -638,6 +660,8 @@ impl GranaryFs {
                 list.into_iter().for_each(|c| batches.push(c));
             }
             batches.flush();
+            // What was reserved for entries that pushed nothing (symlinks, failed lists).
+            batches.give_back(reserved.saturating_sub(batches.pushed));
         });
     }
 
@@ -653,12 +677,18 @@ impl GranaryFs {
             max_bytes: self.cfg.prefetch_batch,
             batch: Vec::new(),
             bytes: 0,
+            pushed: 0,
         }
     }
 
     /// Prefetch bytes in flight now (for tests).
     pub fn prefetch_inflight(&self) -> u64 {
         self.prefetch_inflight.load(Ordering::Relaxed)
+    }
+
+    /// The most prefetch bytes that were ever in flight at once (for tests).
+    pub fn prefetch_peak(&self) -> u64 {
+        self.prefetch_peak.load(Ordering::Relaxed)
     }
 
     /// Every chunk of the file at inode `ino` (for `granary prefetch`).
@@ -669,18 +699,23 @@ impl GranaryFs {
 
 /// Chunks to prefetch, cut into batches of at most `max_bytes` and
 /// [`PREFETCH_BATCH_CHUNKS`] as they are pushed; each batch is fetched in the
-/// background.
+/// background. The caller has reserved the bytes it pushes
+/// ([`GranaryFs::reserve_prefetch`]); each batch gives its share back when
+/// it lands.
 struct Batches {
     prefetcher: Prefetcher,
     max_bytes: u64,
     batch: Vec<ChunkRef>,
     bytes: u64,
+    /// Bytes pushed so far.
+    pushed: u64,
 }
 
 impl Batches {
     fn push(&mut self, c: ChunkRef) {
         self.batch.push(c);
         self.bytes += c.len as u64;
+        self.pushed += c.len as u64;
         if self.bytes >= self.max_bytes || self.batch.len() >= PREFETCH_BATCH_CHUNKS {
             self.flush();
         }
@@ -692,6 +727,11 @@ impl Batches {
             self.prefetcher
                 .spawn(std::mem::take(&mut self.batch), std::mem::take(&mut self.bytes));
         }
+    }
+
+    /// Returns reserved bytes that no batch will carry.
+    fn give_back(&self, bytes: u64) {
+        release(&self.prefetcher.inflight, bytes);
     }
 }
 
@@ -705,13 +745,14 @@ struct Prefetcher {
 }
 
 impl Prefetcher {
-    /// Starts fetching `chunks` (`bytes` in all) into the cache in the background.
+    /// Starts fetching `chunks` (`bytes` in all, reserved by the caller)
+    /// into the cache in the background; gives the bytes back when done.
     fn spawn(&self, chunks: Vec<ChunkRef>, bytes: u64) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            release(&self.inflight, bytes);
             return;
         };
         let this = self.clone();
-        this.inflight.fetch_add(bytes, Ordering::Relaxed);
         // Registered now, so the next read joins these fetches.
         let slots = this
             .cache
@@ -723,9 +764,17 @@ impl Prefetcher {
                     break;
                 }
             }
-            this.inflight.fetch_sub(bytes, Ordering::Relaxed);
+            release(&this.inflight, bytes);
         });
     }
+}
+
+/// Gives `bytes` of prefetch budget back (saturating: a tree whose chunk
+/// lists disagree with its sizes must not wrap the counter).
+fn release(inflight: &AtomicU64, bytes: u64) {
+    let _ = inflight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+        Some(cur.saturating_sub(bytes))
+    });
 }
 
 /// Copies `[offset, end)` out of chunks `first..` of `layout`.

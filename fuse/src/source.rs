@@ -72,7 +72,8 @@ impl Source for ClientSource {
 }
 
 /// An in-memory version: trees and chunks in maps. Counts fetch calls and
-/// chunks fetched, and fails every fetch while `fail` is set.
+/// chunks fetched, fails every fetch while `fail` is set, and makes every
+/// fetch take `delay_ms` (a slow cluster).
 pub struct MemSource {
     pub root: TreeId,
     pub trees: HashMap<TreeId, Arc<Tree>>,
@@ -81,6 +82,7 @@ pub struct MemSource {
     pub fetch_calls: AtomicU64,
     pub chunks_fetched: AtomicU64,
     pub fail: AtomicBool,
+    pub delay_ms: AtomicU64,
 }
 
 impl Default for MemSource {
@@ -95,6 +97,7 @@ impl Default for MemSource {
             fetch_calls: AtomicU64::new(0),
             chunks_fetched: AtomicU64::new(0),
             fail: AtomicBool::new(false),
+            delay_ms: AtomicU64::new(0),
         }
     }
 }
@@ -146,6 +149,10 @@ impl Source for MemSource {
     fn fetch<'a>(&'a self, ids: &'a [ChunkId]) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>> {
         Box::pin(async move {
             self.fetch_calls.fetch_add(1, Ordering::Relaxed);
+            let delay = self.delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            }
             if self.fail.load(Ordering::Relaxed) {
                 return Err(FsError::Remote("injected failure".into()));
             }

@@ -654,6 +654,94 @@ fn reading_files_in_random_order_prefetches_nothing() {
 }
 
 #[test]
+fn concurrent_name_order_readers_stay_within_the_prefetch_budget() {
+    // 16 directories of 64 one-chunk files, each read in name order by its
+    // own task at once, from a slow cluster: every directory's readahead
+    // wants a window ahead of its reader, together far more than the budget.
+    let mut rng = fastrand::Rng::with_seed(16);
+    let mut src = MemSource::default();
+    let mut dirs = Vec::new();
+    let mut want: Vec<Vec<Vec<u8>>> = Vec::new();
+    for d in 0..16 {
+        let mut entries = Vec::new();
+        let mut files = Vec::new();
+        for i in 0..64 {
+            let data: Vec<u8> = (0..16 << 10).map(|_| rng.u8(..)).collect();
+            let (content, _) = file_content(vec![src.add_chunk(&data)]);
+            entries.push(TreeEntry {
+                name: format!("f{i:04}").into_bytes(),
+                mode: 0o644,
+                mtime: Timestamp::default(),
+                data: EntryData::File {
+                    size: data.len() as u64,
+                    content,
+                },
+            });
+            files.push(data);
+        }
+        let tree = src.add_tree(Tree::new(entries).unwrap());
+        dirs.push(TreeEntry {
+            name: format!("d{d:02}").into_bytes(),
+            mode: 0o755,
+            mtime: Timestamp::default(),
+            data: EntryData::Dir { tree },
+        });
+        want.push(files);
+    }
+    src.root = src.add_tree(Tree::new(dirs).unwrap());
+    src.delay_ms.store(5, Ordering::Relaxed);
+    let budget = 256 << 10;
+    let cfg = FsConfig {
+        readahead_global: budget,
+        ..ra_config()
+    };
+    let want = Arc::new(want);
+    let tmp = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (fs, _src) = mount(src, 64 << 20, tmp.path(), 64 << 20, cfg);
+        let mut tasks = Vec::new();
+        for d in 0..16 {
+            let (fs, want) = (fs.clone(), want.clone());
+            tasks.push(tokio::spawn(async move {
+                let dir = fs
+                    .lookup(ROOT_INO, format!("d{d:02}").as_bytes())
+                    .await
+                    .unwrap()
+                    .ino;
+                for (i, data) in want[d].iter().enumerate() {
+                    let ino = fs.lookup(dir, format!("f{i:04}").as_bytes()).await.unwrap().ino;
+                    assert_eq!(
+                        &fs.read_inode(ino, 0, 1 << 20).await.unwrap(),
+                        data,
+                        "d{d:02}/f{i:04}"
+                    );
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let s = fs.stats().snapshot();
+        assert!(
+            s.prefetched_chunks > 0,
+            "name-order readers should prefetch: {s:?}"
+        );
+        assert!(
+            fs.prefetch_peak() <= budget,
+            "prefetch in flight reached {} bytes, over the {budget}-byte budget",
+            fs.prefetch_peak()
+        );
+        for _ in 0..200 {
+            if fs.prefetch_inflight() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(fs.prefetch_inflight(), 0, "every reservation is given back");
+    });
+}
+
+#[test]
 fn fetch_failures_are_errors_and_reads_recover() {
     let (src, data) = one_file(10_000, 1000);
     let tmp = tempfile::tempdir().unwrap();
