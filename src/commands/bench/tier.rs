@@ -27,6 +27,11 @@
 //!   of the files in the same bucket, read the same way, once before and once
 //!   after granary (the mean is the baseline). Reference: the same read
 //!   through `granary mount` before the move, from the chunk server's disk.
+//!   Ceiling: the tiered pack objects fetched whole with ranged GETs of
+//!   the chunk server's block size, 10 in flight, and nothing else done
+//!   with them; it is stated in file bytes per second (file bytes over the
+//!   GETs' time), the most a cold read through any reader of these objects
+//!   could reach against this S3 server.
 //!
 //! The kernel page cache is dropped before every measured step (needs root).
 //! The CPU the S3 server, the granary server, the mount process and this
@@ -284,6 +289,49 @@ fn raw_put(
     Ok(Step { secs, bytes, cpu })
 }
 
+/// Ranged GETs in flight in the raw-GET ceiling: the chunk server's block
+/// reads for one sequential reader (the block read plus `PREFETCH_BLOCKS`
+/// ahead), for two packs at once.
+const PARALLEL_GETS: usize = 10;
+/// Size of each ranged GET of the ceiling: the chunk server's block.
+const GET_BLOCK: u64 = 16 << 20;
+
+/// The ceiling of a cold read from the object tier: every pack object under
+/// `tier` read whole with [`ObjectTier::get_ranges`] in [`GET_BLOCK`]
+/// ranges, [`PARALLEL_GETS`] at a time, the bytes dropped. A mount that
+/// reads through the chunk server fetches these same bytes and then still
+/// verifies, decodes and serves them.
+fn raw_get(rt: &tokio::runtime::Runtime, tier: &ObjectTier, moto_pid: Option<u32>) -> anyhow::Result<Step> {
+    let packs = rt.block_on(tier.list_packs())?;
+    let ranges: Vec<(u64, u64, u32)> = packs
+        .iter()
+        .flat_map(|&(id, size)| {
+            (0..size.div_ceil(GET_BLOCK))
+                .map(move |b| (id, b * GET_BLOCK, (size - b * GET_BLOCK).min(GET_BLOCK) as u32))
+        })
+        .collect();
+    let watch = CpuWatch::start(&[
+        ("s3_server", moto_pid),
+        ("bench_client", Some(std::process::id())),
+    ]);
+    let started = Instant::now();
+    let bytes: u64 = rt.block_on(async {
+        futures::stream::iter(ranges.iter())
+            .map(|&(id, off, len)| async move {
+                let got = tier.get_ranges(&tier.pack_key(id), &[(off, len)]).await?;
+                anyhow::Ok(got.len() as u64)
+            })
+            .buffer_unordered(PARALLEL_GETS)
+            .try_fold(0u64, |sum, n| async move { Ok(sum + n) })
+            .await
+    })?;
+    Ok(Step {
+        secs: started.elapsed().as_secs_f64(),
+        bytes,
+        cpu: watch.stop(),
+    })
+}
+
 /// Reads every file of `files` (paths under `data`) at the same paths under
 /// `under`, a directory of the mount at `mnt` (whose process is watched),
 /// from a cold page cache, with `threads` threads.
@@ -517,6 +565,10 @@ pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
     eprintln!("raw PUT again");
     let put2 = raw_put(&rt, &raw_tier, &linked, moto_pid)?;
     eprintln!("  {:.0} MB/s", put2.mbps());
+    let granary_tier = ObjectTier::from_url(&format!("s3://{bucket}/{prefix}/granary"))?;
+    eprintln!("raw ranged GETs of the tiered packs ({} MiB each, {PARALLEL_GETS} in flight)", GET_BLOCK >> 20);
+    let get = raw_get(&rt, &granary_tier, moto_pid)?;
+    eprintln!("  {:.0} MB/s", get.mbps());
 
     // (2) rclone's copy of the source files in the same bucket.
     eprintln!("rclone copy of the files to s3:{bucket}/{prefix}/rclone");
@@ -571,6 +623,8 @@ pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
     let put_mbps = (put1.mbps() + put2.mbps()) / 2.0;
     let g_mbps = granary_read.mbps();
     let r_mbps = (read1.mbps() + read2.mbps()) / 2.0;
+    // File bytes per second if the read took only as long as fetching the packs.
+    let get_ceiling = logical as f64 / get.secs / 1e6;
     let report = json!({
         "files": count, "file_kib": args.file_kib, "logical_bytes": logical,
         "packs": linked.len(), "pack_bytes": pack_bytes, "threads": args.threads,
@@ -586,6 +640,8 @@ pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
             "rclone_copy_secs": rclone_copy_secs,
             "ratio": g_mbps / r_mbps, "target": 3.0,
             "granary_from_ssd": ssd_read.json(),
+            "raw_get": get.json(), "raw_get_ceiling_mbps": get_ceiling,
+            "ceiling_vs_rclone": get_ceiling / r_mbps,
         },
     });
     if args.json {
@@ -649,6 +705,16 @@ pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
          (object tier / SSD = {:.2}x)",
         ssd_read.mbps(),
         g_mbps / ssd_read.mbps()
+    )?;
+    writeln!(
+        out,
+        "  ceiling: raw ranged GETs of the tiered packs ({} MiB, {PARALLEL_GETS} in flight): {:.0} MB/s of pack \
+         bytes, {get_ceiling:.0} MB/s of file bytes = {:.2}x rclone; the mount reached {:.2}x of it; CPU: {}",
+        GET_BLOCK >> 20,
+        get.mbps(),
+        get_ceiling / r_mbps,
+        g_mbps / get_ceiling,
+        cpu(&get.cpu)
     )?;
     Ok(())
 }
