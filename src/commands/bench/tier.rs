@@ -566,7 +566,10 @@ pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
     let put2 = raw_put(&rt, &raw_tier, &linked, moto_pid)?;
     eprintln!("  {:.0} MB/s", put2.mbps());
     let granary_tier = ObjectTier::from_url(&format!("s3://{bucket}/{prefix}/granary"))?;
-    eprintln!("raw ranged GETs of the tiered packs ({} MiB each, {PARALLEL_GETS} in flight)", GET_BLOCK >> 20);
+    eprintln!(
+        "raw ranged GETs of the tiered packs ({} MiB each, {PARALLEL_GETS} in flight)",
+        GET_BLOCK >> 20
+    );
     let get = raw_get(&rt, &granary_tier, moto_pid)?;
     eprintln!("  {:.0} MB/s", get.mbps());
 
