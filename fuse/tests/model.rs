@@ -576,10 +576,15 @@ fn random_reads_do_not_prefetch() {
     });
 }
 
-/// A directory `d` of `n` files of `len` random bytes each, one chunk each.
-fn many_small_files(n: usize, len: usize) -> (MemSource, Vec<Vec<u8>>) {
-    let mut rng = fastrand::Rng::with_seed(n as u64);
-    let mut src = MemSource::default();
+/// A directory named `name` of `n` files `fNNNN` of `len` random bytes
+/// each, one chunk each, added to `src`: its entry and the files' bytes.
+fn dir_of_files(
+    src: &mut MemSource,
+    rng: &mut fastrand::Rng,
+    name: &str,
+    n: usize,
+    len: usize,
+) -> (TreeEntry, Vec<Vec<u8>>) {
     let mut files = Vec::new();
     let mut entries = Vec::new();
     for i in 0..n {
@@ -596,13 +601,21 @@ fn many_small_files(n: usize, len: usize) -> (MemSource, Vec<Vec<u8>>) {
         });
         files.push(data);
     }
-    let dir = src.add_tree(Tree::new(entries).unwrap());
-    let d = TreeEntry {
-        name: b"d".to_vec(),
+    let tree = src.add_tree(Tree::new(entries).unwrap());
+    let entry = TreeEntry {
+        name: name.as_bytes().to_vec(),
         mode: 0o755,
         mtime: Timestamp::default(),
-        data: EntryData::Dir { tree: dir },
+        data: EntryData::Dir { tree },
     };
+    (entry, files)
+}
+
+/// A directory `d` of `n` files of `len` random bytes each, one chunk each.
+fn many_small_files(n: usize, len: usize) -> (MemSource, Vec<Vec<u8>>) {
+    let mut rng = fastrand::Rng::with_seed(n as u64);
+    let mut src = MemSource::default();
+    let (d, files) = dir_of_files(&mut src, &mut rng, "d", n, len);
     src.root = src.add_tree(Tree::new(vec![d]).unwrap());
     (src, files)
 }
@@ -663,29 +676,8 @@ fn concurrent_name_order_readers_stay_within_the_prefetch_budget() {
     let mut dirs = Vec::new();
     let mut want: Vec<Vec<Vec<u8>>> = Vec::new();
     for d in 0..16 {
-        let mut entries = Vec::new();
-        let mut files = Vec::new();
-        for i in 0..64 {
-            let data: Vec<u8> = (0..16 << 10).map(|_| rng.u8(..)).collect();
-            let (content, _) = file_content(vec![src.add_chunk(&data)]);
-            entries.push(TreeEntry {
-                name: format!("f{i:04}").into_bytes(),
-                mode: 0o644,
-                mtime: Timestamp::default(),
-                data: EntryData::File {
-                    size: data.len() as u64,
-                    content,
-                },
-            });
-            files.push(data);
-        }
-        let tree = src.add_tree(Tree::new(entries).unwrap());
-        dirs.push(TreeEntry {
-            name: format!("d{d:02}").into_bytes(),
-            mode: 0o755,
-            mtime: Timestamp::default(),
-            data: EntryData::Dir { tree },
-        });
+        let (dir, files) = dir_of_files(&mut src, &mut rng, &format!("d{d:02}"), 64, 16 << 10);
+        dirs.push(dir);
         want.push(files);
     }
     src.root = src.add_tree(Tree::new(dirs).unwrap());
