@@ -296,8 +296,12 @@ impl GranaryFs {
     /// The inode of `entry` inside directory `parent`, created on first use.
     fn child(&self, parent: &Inode, entry: &TreeEntry) -> Arc<Inode> {
         let key = (parent.ino, entry.name.clone());
-        if let Some(ino) = self.names.read().expect("name table").get(&key) {
-            return self.inode(*ino).expect("named inode exists");
+        // The name table's read guard must be gone before the inode table is
+        // locked: a creator below holds the inode table and waits for the
+        // name table (found by a hang in a lookup storm, session 7).
+        let known = self.names.read().expect("name table").get(&key).copied();
+        if let Some(ino) = known {
+            return self.inode(ino).expect("named inode exists");
         }
         let mut path = parent.path.clone();
         path.push(b'/');

@@ -734,6 +734,47 @@ fn concurrent_name_order_readers_stay_within_the_prefetch_budget() {
 }
 
 #[test]
+fn concurrent_lookups_of_new_and_known_names_do_not_deadlock() {
+    // Lookups that find a known name and lookups that create one, from
+    // several threads at once (the fuser threads): once, the first kind
+    // held the name table while it waited for the inode table, which the
+    // second kind held while it waited for the name table.
+    let mut rng = fastrand::Rng::with_seed(8);
+    let mut src = MemSource::default();
+    let mut dirs = Vec::new();
+    for d in 0..8 {
+        dirs.push(dir_of_files(&mut src, &mut rng, &format!("d{d}"), 400, 16).0);
+    }
+    src.root = src.add_tree(Tree::new(dirs).unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let (fs, _src) = mount(src, 1 << 20, tmp.path(), 1 << 20, FsConfig::default());
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    for t in 0..8u64 {
+        let (fs, done) = (fs.clone(), done_tx.clone());
+        std::thread::spawn(move || {
+            let mut rng = fastrand::Rng::with_seed(t);
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                for _ in 0..4000 {
+                    let d = fs
+                        .lookup(ROOT_INO, format!("d{}", rng.usize(..8)).as_bytes())
+                        .await
+                        .unwrap();
+                    let name = format!("f{:04}", rng.usize(..400));
+                    assert_eq!(fs.lookup(d.ino, name.as_bytes()).await.unwrap().size, 16);
+                }
+            });
+            done.send(()).unwrap();
+        });
+    }
+    for _ in 0..8 {
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("lookups deadlocked (no thread finished within 60 s)");
+    }
+}
+
+#[test]
 fn fetch_failures_are_errors_and_reads_recover() {
     let (src, data) = one_file(10_000, 1000);
     let tmp = tempfile::tempdir().unwrap();
