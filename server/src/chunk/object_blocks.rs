@@ -26,7 +26,7 @@ use tokio::sync::OnceCell;
 use crate::object::{ObjectError, ObjectTier};
 
 /// Block size of object-tier reads.
-const BLOCK: u64 = 16 << 20;
+pub const BLOCK: u64 = 16 << 20;
 /// Blocks kept in memory (at most `BLOCK * CACHED_BLOCKS` = 256 MiB, plus
 /// blocks still referenced by calls in progress).
 const CACHED_BLOCKS: usize = 16;
@@ -36,7 +36,7 @@ const ENDS_KEPT: usize = 8;
 const SIZES_KEPT: usize = 4096;
 
 /// Blocks fetched ahead of a sequential reader.
-const PREFETCH_BLOCKS: u64 = 4;
+pub const PREFETCH_BLOCKS: u64 = 4;
 
 type BlockId = (String, u64);
 

@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures::{StreamExt, TryStreamExt};
+use granary_server::chunk::object_blocks;
 use granary_server::object::ObjectTier;
 use serde_json::{json, Value};
 
@@ -292,9 +293,9 @@ fn raw_put(
 /// Ranged GETs in flight in the raw-GET ceiling: the chunk server's block
 /// reads for one sequential reader (the block read plus `PREFETCH_BLOCKS`
 /// ahead), for two packs at once.
-const PARALLEL_GETS: usize = 10;
+const PARALLEL_GETS: usize = 2 * (1 + object_blocks::PREFETCH_BLOCKS as usize);
 /// Size of each ranged GET of the ceiling: the chunk server's block.
-const GET_BLOCK: u64 = 16 << 20;
+const GET_BLOCK: u64 = object_blocks::BLOCK;
 
 /// The ceiling of a cold read from the object tier: every pack object under
 /// `tier` read whole with [`ObjectTier::get_ranges`] in [`GET_BLOCK`]
@@ -565,7 +566,7 @@ pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
     eprintln!("raw PUT again");
     let put2 = raw_put(&rt, &raw_tier, &linked, moto_pid)?;
     eprintln!("  {:.0} MB/s", put2.mbps());
-    let granary_tier = ObjectTier::from_url(&format!("s3://{bucket}/{prefix}/granary"))?;
+    let granary_tier = ObjectTier::from_url(&tier_url)?;
     eprintln!(
         "raw ranged GETs of the tiered packs ({} MiB each, {PARALLEL_GETS} in flight)",
         GET_BLOCK >> 20
