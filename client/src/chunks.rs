@@ -23,6 +23,17 @@ pub const MAX_FETCH: usize = 16 << 20;
 /// Frames are sent to chunk servers in messages of about this size.
 const SEND_MESSAGE: usize = 1 << 20;
 
+/// How the caller of a fetch reads. It tells a chunk server that serves the
+/// pack from the object tier what to get there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPattern {
+    /// On demand: the exact bytes, unless the server sees a sequential reader.
+    Demand,
+    /// Ahead of a sequential reader (a mount's readahead, a download): the
+    /// aligned blocks of the pack that hold the chunks, and the next ones.
+    Ahead,
+}
+
 /// Where a chunk is: its pack and frame position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
@@ -219,11 +230,12 @@ impl ChunkServers {
         &self,
         pack: u64,
         chunks: &[(ChunkId, Location)],
+        pattern: ReadPattern,
     ) -> Result<Vec<Bytes>, ClientError> {
         let mut copies = self.copies(pack, false).await?;
         let mut refreshed = false;
         loop {
-            match self.fetch_from_copies(pack, &copies, chunks).await {
+            match self.fetch_from_copies(pack, &copies, chunks, pattern).await {
                 Ok(v) => return Ok(v),
                 Err(e) if refreshed => return Err(e),
                 Err(e) => {
@@ -244,6 +256,7 @@ impl ChunkServers {
         pack: u64,
         copies: &PackCopies,
         chunks: &[(ChunkId, Location)],
+        pattern: ReadPattern,
     ) -> Result<Vec<Bytes>, ClientError> {
         let sources = self.sources(pack, copies).await?;
         if sources.is_empty() {
@@ -262,7 +275,7 @@ impl ChunkServers {
         let mut last = None;
         for addr in &sources {
             match self
-                .fetch_once(addr, pack, &copies.object_key, &ranges, chunks)
+                .fetch_once(addr, pack, &copies.object_key, &ranges, chunks, pattern)
                 .await
             {
                 Ok(v) => {
@@ -292,12 +305,14 @@ impl ChunkServers {
         object_key: &str,
         ranges: &[FrameRange],
         chunks: &[(ChunkId, Location)],
+        pattern: ReadPattern,
     ) -> Result<Vec<Bytes>, ClientError> {
         let mut client = self.client(addr)?;
         let req = GetFramesRequest {
             pack_id: pack,
             ranges: ranges.to_vec(),
             object_key: object_key.to_string(),
+            readahead: pattern == ReadPattern::Ahead,
         };
         let mut stream = client
             .get_frames(req)
@@ -344,7 +359,7 @@ impl ChunkServers {
     /// pack's frames in as few calls as possible. Returns raw chunks in order.
     /// When a pack cannot be read, its chunks are located again once (GC
     /// compaction may have just moved them to another pack).
-    pub async fn fetch(&self, ids: &[ChunkId]) -> Result<Vec<Bytes>, ClientError> {
+    pub async fn fetch(&self, ids: &[ChunkId], pattern: ReadPattern) -> Result<Vec<Bytes>, ClientError> {
         let mut locations = self.locate(ids).await?;
         let mut out: Vec<Bytes> = vec![Bytes::new(); ids.len()];
         let mut pending: Vec<usize> = (0..ids.len()).collect();
@@ -359,7 +374,7 @@ impl ChunkServers {
                 for group in split_groups(&idxs, |i| locations[&ids[i]].frame_len() as usize) {
                     let request: Vec<(ChunkId, Location)> =
                         group.iter().map(|&i| (ids[i], locations[&ids[i]])).collect();
-                    match self.fetch_from_pack(pack, &request).await {
+                    match self.fetch_from_pack(pack, &request, pattern).await {
                         Ok(raws) => {
                             for (&k, raw) in group.iter().zip(raws) {
                                 out[k] = raw;

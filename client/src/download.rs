@@ -139,7 +139,10 @@ async fn write_file(
                        out: &mut std::io::BufWriter<std::fs::File>|
            -> Result<(), ClientError> {
         let ids: Vec<_> = window.iter().map(|c| c.id).collect();
-        let raws = reader.chunk_servers().fetch(&ids).await?;
+        let raws = reader
+            .chunk_servers()
+            .fetch(&ids, crate::ReadPattern::Ahead)
+            .await?;
         for raw in raws {
             out.write_all(&raw).map_err(|e| io_err(path, e))?;
             bytes_done(raw.len() as u64);

@@ -26,6 +26,7 @@ pub mod meta;
 pub mod upload;
 pub mod version;
 
+pub use chunks::ReadPattern;
 pub use client::Client;
 pub use error::ClientError;
 pub use meta::MetaClient;

@@ -207,7 +207,7 @@ pub async fn read_range(
         }
     }
     let ids: Vec<_> = wanted.iter().map(|(_, c)| c.id).collect();
-    let raws = chunks.fetch(&ids).await?;
+    let raws = chunks.fetch(&ids, crate::ReadPattern::Demand).await?;
     let mut out = Vec::with_capacity(len);
     for ((c_start, _), raw) in wanted.iter().zip(raws) {
         let from = offset.saturating_sub(*c_start) as usize;

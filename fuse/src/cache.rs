@@ -427,7 +427,7 @@ impl ChunkCache {
                 missing.len() as u64,
             );
             let just: Vec<ChunkId> = missing.iter().map(|&i| ids[i].id).collect();
-            let raws = source.fetch(&just).await?;
+            let raws = source.fetch(&just, why).await?;
             if raws.len() != just.len()
                 || raws
                     .iter()

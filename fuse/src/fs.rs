@@ -24,7 +24,17 @@
 //! it; from the third such file on, the files after it are prefetched whole, in
 //! a window of bytes that doubles per file like a handle's, under the same
 //! global cap. A read of a file far from the last resets the directory's
-//! streak, so files read in random order prefetch nothing.
+//! streak, so files read in random order prefetch nothing. A directory's
+//! window may grow to the global cap; when it reaches past the directory's
+//! last file, the pass goes on into the parent's next entries while they are
+//! directories (`d00/` then `d01/`, as a walk in name order reads a dataset):
+//! their first files are prefetched and their streak starts as if those files
+//! were being read. Read through an object tier, a pack then no longer waits
+//! for the one before it (a directory is often less than a pack).
+//!
+//! Every prefetch tells the [`Source`] it is one (`Want::Prefetch`); a chunk
+//! server reading the pack from the object tier then fetches whole blocks
+//! from its first call on, instead of the exact bytes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,9 +58,10 @@ pub struct FsConfig {
     pub readahead_initial: u64,
     /// Largest readahead window of one handle.
     pub readahead_max: u64,
-    /// Prefetch bytes in flight over the whole mount. In flight means in
-    /// memory outside the memory cache, so this is what prefetch may add to
-    /// the mount's footprint (64 MiB keeps it within mem-cache + 100 MiB).
+    /// Prefetch bytes in flight over the whole mount, and the largest window
+    /// of a directory's name-order pass. In flight means in memory outside
+    /// the memory cache: `granary mount` takes this budget out of
+    /// `--mem-cache` (at most a quarter of it), so the mount stays within it.
     pub readahead_global: u64,
     /// Largest batch of chunks one prefetch fetch asks for.
     pub prefetch_batch: u64,
@@ -64,7 +75,7 @@ impl Default for FsConfig {
         Self {
             readahead_initial: 1 << 20,
             readahead_max: 64 << 20,
-            readahead_global: 64 << 20,
+            readahead_global: 256 << 20,
             prefetch_batch: 4 << 20,
             uid: 0,
             gid: 0,
@@ -209,6 +220,10 @@ struct DirReadahead {
     window: u64,
     /// Files before this position have been prefetched or read.
     issued_to: usize,
+    /// Started by a pass over an earlier sibling (no read here yet):
+    /// `issued_bytes` of its first files are prefetched.
+    seeded: bool,
+    issued_bytes: u64,
 }
 
 struct Handle {
@@ -601,7 +616,7 @@ impl GranaryFs {
         let Ok(pos) = entries.binary_search_by(|e| e.name.as_slice().cmp(name)) else {
             return;
         };
-        let (from, to, reserved) = {
+        let (issue, next) = {
             let mut states = self.dir_ra.lock().expect("directory readahead");
             if states.len() >= DIR_STATES && !states.contains_key(&dir.ino) {
                 states.clear();
@@ -610,12 +625,15 @@ impl GranaryFs {
             if ra.streak > 0 && pos + SIBLING_NEAR >= ra.last && pos <= ra.last + SIBLING_NEAR {
                 ra.streak += 1;
                 ra.last = ra.last.max(pos);
+                ra.seeded = false;
             } else {
                 *ra = DirReadahead {
                     last: pos,
                     streak: 1,
                     window: 0,
                     issued_to: pos + 1,
+                    seeded: false,
+                    issued_bytes: 0,
                 };
             }
             if ra.streak < 3 {
@@ -624,7 +642,7 @@ impl GranaryFs {
             ra.window = if ra.window == 0 {
                 self.cfg.readahead_initial
             } else {
-                (ra.window * 2).min(self.cfg.readahead_max)
+                (ra.window * 2).min(self.cfg.readahead_global.max(self.cfg.readahead_max))
             };
             // The files after `last`, until their bytes fill the window; in
             // steps of at least half a window, so that every file read does
@@ -639,13 +657,106 @@ impl GranaryFs {
                 bytes += entries[to].size();
                 to += 1;
             }
-            if to == from || !self.reserve_prefetch(bytes) {
+            let issue = if to == from {
+                None
+            } else if self.reserve_prefetch(bytes) {
+                ra.issued_to = to;
+                Some((from, to, bytes))
+            } else {
+                return;
+            };
+            // The window reaches past the directory's last file: the pass
+            // goes on into the next directories.
+            let next = (to == entries.len() && ahead + bytes < ra.window)
+                .then(|| (ra.window - ahead - bytes, ra.window));
+            (issue, next)
+        };
+        if let Some((from, to, reserved)) = issue {
+            self.prefetch_files(&entries[from..to], reserved);
+        }
+        if let Some((bytes, window)) = next {
+            self.continue_into_next_dir(&dir, bytes, window).await;
+        }
+    }
+
+    /// Carries a name-order pass over directory `dir` into the parent's next
+    /// entries while they are directories (`d00/` then `d01/`, as a walk in
+    /// name order reads a dataset), so that `bytes` beyond `dir` are
+    /// prefetched: counts what earlier calls prefetched there, prefetches
+    /// the files after that, and starts each directory's readahead state as
+    /// if those files were being read, so the pass's first reads there
+    /// continue the streak (with its `window`). Stops at a directory that
+    /// readers are in already.
+    async fn continue_into_next_dir(&self, dir: &Inode, mut bytes: u64, window: u64) {
+        let Ok(parent) = self.inode(dir.parent) else {
+            return;
+        };
+        if parent.ino == dir.ino {
+            return; // the root
+        }
+        let Some(tree_id) = parent.dir_tree() else { return };
+        let Ok(siblings) = self.source.tree(tree_id).await else {
+            return;
+        };
+        let siblings = siblings.entries();
+        let name = dir.path.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
+        let Ok(mut pos) = siblings.binary_search_by(|e| e.name.as_slice().cmp(name)) else {
+            return;
+        };
+        while bytes > 0 {
+            pos += 1;
+            let Some(next) = siblings.get(pos) else { return };
+            let EntryData::Dir { tree } = &next.data else {
+                return;
+            };
+            let Ok(tree) = self.source.tree(*tree).await else {
+                return;
+            };
+            let next_dir = self.child(&parent, next);
+            let entries = tree.entries();
+            let (from, to, reserved) = {
+                let mut states = self.dir_ra.lock().expect("directory readahead");
+                if states.len() >= DIR_STATES && !states.contains_key(&next_dir.ino) {
+                    states.clear();
+                }
+                let ra = states.entry(next_dir.ino).or_insert_with(|| DirReadahead {
+                    last: 0,
+                    // The pass's first read here makes it 3: prefetching goes on.
+                    streak: 2,
+                    // Doubled back to `window` by that read.
+                    window: (window / 2).max(self.cfg.readahead_initial),
+                    issued_to: 0,
+                    seeded: true,
+                    issued_bytes: 0,
+                });
+                if !ra.seeded || ra.issued_bytes >= bytes {
+                    return;
+                }
+                bytes -= ra.issued_bytes;
+                let (from, mut to, mut sum) = (ra.issued_to, ra.issued_to, 0);
+                while to < entries.len() && sum < bytes {
+                    sum += entries[to].size();
+                    to += 1;
+                }
+                if sum > 0 && !self.reserve_prefetch(sum) {
+                    return;
+                }
+                ra.issued_to = to;
+                ra.issued_bytes += sum;
+                (from, to, sum)
+            };
+            self.prefetch_files(&entries[from..to], reserved);
+            bytes = bytes.saturating_sub(reserved);
+            if to < entries.len() {
                 return;
             }
-            ra.issued_to = to;
-            (from, to, bytes)
-        };
-        let files: Vec<TreeEntry> = entries[from..to]
+        }
+    }
+
+    /// Prefetches the files among `entries` whole, in the background;
+    /// `reserved` bytes of the budget were reserved for them.
+    fn prefetch_files(&self, entries: &[TreeEntry], reserved: u64) {
+        let files: Vec<TreeEntry> = entries
             .iter()
             .filter(|e| e.kind() == EntryKind::File && e.size() > 0)
             .cloned()

@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use granary_client::VersionReader;
+use granary_client::{ReadPattern, VersionReader};
 use granary_core::tree::{EntryData, FileContent};
 use granary_core::{ChunkId, ChunkRef, Tree, TreeEntry, TreeId};
 
+use crate::cache::Want;
 use crate::error::FsError;
 
 /// One immutable version, as the mount sees it.
@@ -29,8 +30,9 @@ pub trait Source: Send + Sync + 'static {
     fn tree(&self, id: TreeId) -> BoxFuture<'_, Result<Arc<Tree>, FsError>>;
     /// A file entry's chunk list.
     fn chunk_list<'a>(&'a self, entry: &'a TreeEntry) -> BoxFuture<'a, Result<Vec<ChunkRef>, FsError>>;
-    /// The raw bytes of `ids`, in order. The implementation verifies them.
-    fn fetch<'a>(&'a self, ids: &'a [ChunkId]) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>>;
+    /// The raw bytes of `ids`, in order, for a read (`Want::Read`) or ahead
+    /// of one (`Want::Prefetch`). The implementation verifies them.
+    fn fetch<'a>(&'a self, ids: &'a [ChunkId], why: Want) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>>;
 }
 
 /// A version read through the client SDK.
@@ -65,14 +67,20 @@ impl Source for ClientSource {
         Box::pin(async move { Ok(self.reader.chunk_list(entry).await?) })
     }
 
-    fn fetch<'a>(&'a self, ids: &'a [ChunkId]) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>> {
+    fn fetch<'a>(&'a self, ids: &'a [ChunkId], why: Want) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>> {
+        // A prefetch says so: a chunk server reading the pack from the
+        // object tier then fetches whole blocks from its first call on.
+        let pattern = match why {
+            Want::Read => ReadPattern::Demand,
+            Want::Prefetch => ReadPattern::Ahead,
+        };
         // `ChunkServers::fetch` verifies every frame against its chunk id (BLAKE3).
-        Box::pin(async move { Ok(self.reader.chunk_servers().fetch(ids).await?) })
+        Box::pin(async move { Ok(self.reader.chunk_servers().fetch(ids, pattern).await?) })
     }
 }
 
-/// An in-memory version: trees and chunks in maps. Counts fetch calls and
-/// chunks fetched, fails every fetch while `fail` is set, and makes every
+/// An in-memory version: trees and chunks in maps. Counts fetch calls (and
+/// those made ahead of a reader) and chunks fetched, fails every fetch while `fail` is set, and makes every
 /// fetch take `delay_ms` (a slow cluster).
 pub struct MemSource {
     pub root: TreeId,
@@ -80,6 +88,8 @@ pub struct MemSource {
     pub lists: HashMap<TreeId, Vec<ChunkRef>>,
     pub chunks: HashMap<ChunkId, Vec<u8>>,
     pub fetch_calls: AtomicU64,
+    /// Fetch calls made ahead of a reader (`Want::Prefetch`).
+    pub prefetch_calls: AtomicU64,
     pub chunks_fetched: AtomicU64,
     pub fail: AtomicBool,
     pub delay_ms: AtomicU64,
@@ -95,6 +105,7 @@ impl Default for MemSource {
             lists: HashMap::new(),
             chunks: HashMap::new(),
             fetch_calls: AtomicU64::new(0),
+            prefetch_calls: AtomicU64::new(0),
             chunks_fetched: AtomicU64::new(0),
             fail: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
@@ -146,9 +157,12 @@ impl Source for MemSource {
         })
     }
 
-    fn fetch<'a>(&'a self, ids: &'a [ChunkId]) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>> {
+    fn fetch<'a>(&'a self, ids: &'a [ChunkId], why: Want) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>> {
         Box::pin(async move {
             self.fetch_calls.fetch_add(1, Ordering::Relaxed);
+            if why == Want::Prefetch {
+                self.prefetch_calls.fetch_add(1, Ordering::Relaxed);
+            }
             let delay = self.delay_ms.load(Ordering::Relaxed);
             if delay > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(delay)).await;

@@ -644,8 +644,66 @@ fn reading_a_directory_in_name_order_prefetches_the_next_files() {
         assert!(s.prefetched_chunks > 300, "{s:?}");
         assert!(s.misses < 40, "{s:?}");
         // Fetched in batches, not one call per file, and each chunk once.
-        assert!(src.fetch_calls.load(Ordering::Relaxed) < 100, "{s:?}");
+        let calls = src.fetch_calls.load(Ordering::Relaxed);
+        assert!(calls < 100, "{s:?}");
         assert!(src.chunks_fetched.load(Ordering::Relaxed) <= 400, "{s:?}");
+        // The source is told which fetches are readahead (a chunk server
+        // reads those from the object tier in whole blocks): all but the
+        // reads that missed.
+        let ahead = src.prefetch_calls.load(Ordering::Relaxed);
+        assert!(
+            ahead > 0 && calls - ahead <= s.misses,
+            "{ahead} of {calls} calls ahead; {s:?}"
+        );
+    });
+}
+
+#[test]
+fn a_name_order_pass_goes_on_into_the_next_directories() {
+    // d00..d03, read one after the other in name order, as a walk of a
+    // dataset reads them: the readahead started in d00 carries into d01 and
+    // on, so only d00's first files wait for a fetch. Each directory's pass
+    // starting afresh would miss at least its first 3 files (12 in all).
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut src = MemSource::default();
+    let (mut dirs, mut contents) = (Vec::new(), Vec::new());
+    for d in 0..4 {
+        let (entry, files) = dir_of_files(&mut src, &mut rng, &format!("d{d:02}"), 50, 4096);
+        dirs.push(entry);
+        contents.push(files);
+    }
+    src.root = src.add_tree(Tree::new(dirs).unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (fs, src) = mount(src, 64 << 20, tmp.path(), 64 << 20, ra_config());
+        for (d, files) in contents.iter().enumerate() {
+            let dir = fs
+                .lookup(ROOT_INO, format!("d{d:02}").as_bytes())
+                .await
+                .unwrap()
+                .ino;
+            for (i, want) in files.iter().enumerate() {
+                let ino = fs.lookup(dir, format!("f{i:04}").as_bytes()).await.unwrap().ino;
+                assert_eq!(
+                    &fs.read_inode(ino, 0, 1 << 20).await.unwrap(),
+                    want,
+                    "d{d:02}/f{i:04}"
+                );
+            }
+        }
+        let s = fs.stats().snapshot();
+        assert!(s.misses <= 5, "{s:?}");
+        assert!(s.prefetched_chunks >= 190, "{s:?}");
+        assert!(
+            src.chunks_fetched.load(Ordering::Relaxed) <= 200,
+            "each chunk once: {s:?}"
+        );
+        // Every reservation is given back once the background prefetches end.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while fs.prefetch_inflight() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(fs.prefetch_inflight(), 0);
     });
 }
 
@@ -654,7 +712,7 @@ fn reading_files_in_random_order_prefetches_nothing() {
     let (src, files) = many_small_files(400, 4096);
     let tmp = tempfile::tempdir().unwrap();
     rt().block_on(async {
-        let (fs, _src) = mount(src, 64 << 20, tmp.path(), 64 << 20, ra_config());
+        let (fs, src) = mount(src, 64 << 20, tmp.path(), 64 << 20, ra_config());
         // Every file 20 positions from the one before (more than
         // SIBLING_NEAR): no streak can start.
         let mut order: Vec<usize> = (0..files.len()).collect();
@@ -663,6 +721,7 @@ fn reading_files_in_random_order_prefetches_nothing() {
         let s = fs.stats().snapshot();
         assert_eq!(s.prefetched_chunks, 0, "{s:?}");
         assert_eq!(s.misses, 400, "{s:?}");
+        assert_eq!(src.prefetch_calls.load(Ordering::Relaxed), 0, "{s:?}");
     });
 }
 

@@ -448,6 +448,7 @@ async fn read_ranges(
                 .map(|(o, l)| FrameRange { offset: *o, len: *l })
                 .collect(),
             object_key: String::new(),
+            readahead: false,
         };
         let result = async {
             let mut stream = cluster.chunk(&addr)?.get_frames(req).await?.into_inner();

@@ -11,11 +11,16 @@
 //! of starting another. A sequential scan of a pack (a mount, a download)
 //! then costs one GET per block, overlapped with the reading.
 //!
-//! A call counts as sequential when it starts within a block of where one of
-//! the last few calls on the same object ended, or in (or just after) a block
-//! that is cached or being fetched; several readers of one pack are each
-//! recognised. Other calls (random reads) whose bytes are not all cached are
-//! read exactly, so they do not pull a whole block each.
+//! A call counts as sequential when the caller says it reads ahead
+//! (`GetFramesRequest.readahead`: a mount's readahead, a download), when it
+//! starts within a block of where one of the last few calls on the same
+//! object ended, or in (or just after) a block that is cached or being
+//! fetched; several readers of one pack are each recognised. The caller's
+//! word matters most at a pack's first call, which nothing else can tell
+//! from a random read: without it that call was one exact GET before the
+//! blocks, and a read through many packs paid that GET's latency per pack.
+//! Other calls (random reads) whose bytes are not all cached are read
+//! exactly, so they do not pull a whole block each.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -38,10 +43,19 @@ const SIZES_KEPT: usize = 4096;
 /// Blocks fetched ahead of a sequential reader.
 pub const PREFETCH_BLOCKS: u64 = 4;
 
+/// Block GETs in flight at most, for the whole chunk server. A mount's
+/// readahead can span several packs; without a cap its blocks (and each
+/// pack's next one) were 20-25 GETs at once against the S3 server, which
+/// then served every one of them slower (measured against moto: the same
+/// GETs took 1.5-1.7x its CPU).
+pub const BLOCK_GETS_IN_FLIGHT: usize = 8;
+static BLOCK_GETS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BLOCK_GETS_IN_FLIGHT);
+
 type BlockId = (String, u64);
 
 /// Block `i` of the object `key` of `size` bytes, with one GET.
 async fn fetch_block(tier: &ObjectTier, key: &str, i: u64, size: u64) -> Result<Bytes, ObjectError> {
+    let _permit = BLOCK_GETS.acquire().await.expect("never closed");
     let start = i * BLOCK;
     let len = BLOCK.min(size - start) as u32;
     tier.get_ranges(key, &[(start, len)]).await.map(Bytes::from)
@@ -73,7 +87,14 @@ impl ObjectBlocks {
 
     /// Like [`ObjectTier::get_ranges`]: byte ranges `(offset, len)` of object
     /// `key`, concatenated in request order, read through the block cache.
-    pub async fn get_ranges(&self, key: &str, ranges: &[(u64, u32)]) -> Result<Vec<u8>, ObjectError> {
+    /// `readahead`: the caller reads ahead of a sequential reader, so the
+    /// call is served from blocks (see the module docs).
+    pub async fn get_ranges(
+        &self,
+        key: &str,
+        ranges: &[(u64, u32)],
+        readahead: bool,
+    ) -> Result<Vec<u8>, ObjectError> {
         let wanted: Vec<(u64, u64)> = ranges
             .iter()
             .filter(|(_, len)| *len > 0)
@@ -89,7 +110,7 @@ impl ObjectBlocks {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let sequential = self.sequential(key, &wanted);
+        let sequential = self.sequential(key, &wanted) || readahead;
         if !sequential && !self.all_cached(key, &ids) {
             return self.tier.get_ranges(key, ranges).await;
         }
@@ -114,9 +135,12 @@ impl ObjectBlocks {
         }
         let cells: Vec<(u64, Arc<OnceCell<Bytes>>)> = ids.iter().map(|&i| (i, self.cell(key, i))).collect();
         if sequential {
-            // A sequential reader: fetch the next blocks while it reads these.
+            // A sequential reader: fetch the next blocks while it reads
+            // these. A caller that reads ahead itself gets one: its own
+            // readahead asks for the rest in time.
             let last = *ids.last().expect("not empty");
-            for next in (last + 1..=last + PREFETCH_BLOCKS).take_while(|n| n * BLOCK < size) {
+            let ahead = if readahead { 1 } else { PREFETCH_BLOCKS };
+            for next in (last + 1..=last + ahead).take_while(|n| n * BLOCK < size) {
                 let cell = self.cell(key, next);
                 if !cell.initialized() {
                     let (tier, key) = (self.tier.clone(), key.to_string());
@@ -200,10 +224,21 @@ impl ObjectBlocks {
         }
         st.order.push_back(id.clone());
         let cell = st.blocks.entry(id).or_default().clone();
+        // Blocks still being fetched (not filled, and held by a fetch or a
+        // waiting call besides this map) stay: a reader asked for them, and
+        // dropping one would make its next call fetch it again. The cache
+        // holds more than its cap only while more are in flight than it holds.
         while st.order.len() > CACHED_BLOCKS {
-            if let Some(old) = st.order.pop_front() {
-                st.blocks.remove(&old);
-            }
+            let State { blocks, order, .. } = &mut *st;
+            let Some(pos) = order.iter().position(|b| {
+                blocks
+                    .get(b)
+                    .is_none_or(|c| c.initialized() || Arc::strong_count(c) == 1)
+            }) else {
+                break;
+            };
+            let old = order.remove(pos).expect("position is in range");
+            blocks.remove(&old);
         }
         cell
     }
@@ -212,6 +247,27 @@ impl ObjectBlocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_being_fetched_are_not_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = ObjectTier::from_url(&format!("file://{}", dir.path().display())).unwrap();
+        let blocks = ObjectBlocks::new(tier);
+        // Block 0 is being fetched (a fetch holds its cell, not filled yet);
+        // block 1 was filled; block 2 was left empty by a failed fetch.
+        let fetching = blocks.cell("k", 0);
+        blocks.cell("k", 1).set(Bytes::from_static(b"x")).unwrap();
+        drop(blocks.cell("k", 2));
+        for i in 3..3 + CACHED_BLOCKS as u64 {
+            blocks.cell("k", i).set(Bytes::new()).unwrap();
+        }
+        let st = blocks.state.lock().unwrap();
+        let has = |i: u64| st.blocks.contains_key(&("k".to_string(), i));
+        assert!(has(0), "the block in flight stays");
+        assert!(!has(1) && !has(2), "filled and abandoned blocks are evicted");
+        assert_eq!(st.blocks.len(), CACHED_BLOCKS);
+        drop(fetching);
+    }
 
     #[tokio::test]
     async fn block_reads_match_exact_reads() {
@@ -234,17 +290,22 @@ mod tests {
                 .iter()
                 .flat_map(|&(o, l)| data[o as usize..o as usize + l as usize].iter().copied())
                 .collect();
-            assert_eq!(blocks.get_ranges("packs/x.pack", &ranges).await.unwrap(), want);
+            assert_eq!(
+                blocks.get_ranges("packs/x.pack", &ranges, false).await.unwrap(),
+                want
+            );
         }
         // A sequential reader's blocks are cached: once fetched, reads inside
         // them do not go to the object tier.
         let seq = ObjectBlocks::new(tier.clone());
         assert_eq!(
-            seq.get_ranges("packs/x.pack", &[(0, 10)]).await.unwrap(),
+            seq.get_ranges("packs/x.pack", &[(0, 10)], false).await.unwrap(),
             data[..10]
         );
         assert_eq!(
-            seq.get_ranges("packs/x.pack", &[(10, 1000)]).await.unwrap(),
+            seq.get_ranges("packs/x.pack", &[(10, 1000)], false)
+                .await
+                .unwrap(),
             data[10..1010]
         );
         // Overwritten (packs never are): reads in the cached block still see the old bytes.
@@ -252,20 +313,55 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            seq.get_ranges("packs/x.pack", &[(5 << 20, 100)]).await.unwrap(),
+            seq.get_ranges("packs/x.pack", &[(5 << 20, 100)], false)
+                .await
+                .unwrap(),
             data[5 << 20..(5 << 20) + 100],
             "served from the cached block"
         );
         tier.put_bytes("packs/x.pack", Bytes::from(data.clone()))
             .await
             .unwrap();
+        // A readahead call is served from blocks even as a pack's first
+        // call in the middle of the pack; a plain first call is read exactly.
+        let ahead = ObjectBlocks::new(tier.clone());
+        let plain = ObjectBlocks::new(tier.clone());
+        let at = BLOCK + (3 << 20);
+        for b in [&ahead, &plain] {
+            let readahead = std::ptr::eq(b, &ahead);
+            assert_eq!(
+                b.get_ranges("packs/x.pack", &[(at, 1000)], readahead)
+                    .await
+                    .unwrap(),
+                data[at as usize..at as usize + 1000]
+            );
+        }
+        let zeros = vec![0u8; len];
+        tier.put_bytes("packs/x.pack", Bytes::from(zeros.clone()))
+            .await
+            .unwrap();
+        let later = (BLOCK + (9 << 20), 100);
+        let range = later.0 as usize..later.0 as usize + 100;
+        assert_eq!(
+            ahead.get_ranges("packs/x.pack", &[later], false).await.unwrap(),
+            data[range.clone()],
+            "the readahead call cached its block"
+        );
+        assert_eq!(
+            plain.get_ranges("packs/x.pack", &[later], false).await.unwrap(),
+            zeros[range],
+            "the plain first call cached nothing"
+        );
+        tier.put_bytes("packs/x.pack", Bytes::from(data.clone()))
+            .await
+            .unwrap();
         // Past the end and missing objects fail like exact reads.
         assert!(blocks
-            .get_ranges("packs/x.pack", &[(len as u64 - 10, 2 << 20)])
+            .get_ranges("packs/x.pack", &[(len as u64 - 10, 2 << 20)], false)
             .await
             .is_err());
         assert!(matches!(
-            blocks.get_ranges("packs/y.pack", &[(0, 2 << 20)]).await,
+            blocks.get_ranges("packs/y.pack", &[(0, 2 << 20)], false).await,
             Err(ObjectError::NotFound { .. })
         ));
     }

@@ -183,6 +183,7 @@ impl ChunkService {
                     pack_id: id,
                     ranges: vec![FrameRange { offset, len }],
                     object_key: String::new(),
+                    readahead: false,
                 })
                 .await
                 .map_err(|s| s.message().to_string())?
@@ -541,6 +542,7 @@ impl Chunk for ChunkService {
             pack_id,
             ranges,
             object_key,
+            readahead,
         } = req.into_inner();
         let ranges: Vec<(u64, u32)> = ranges.iter().map(|r| (r.offset, r.len)).collect();
         if ranges.iter().map(|(_, l)| *l as usize).sum::<usize>() > MAX_READ {
@@ -561,7 +563,7 @@ impl Chunk for ChunkService {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !object_key.is_empty() => self
                 .inner
                 .blocks
-                .get_ranges(&object_key, &ranges)
+                .get_ranges(&object_key, &ranges, readahead)
                 .await
                 .map_err(|e| match e {
                     crate::object::ObjectError::NotFound { .. } => Status::not_found(e.to_string()),
