@@ -29,8 +29,11 @@ const SEND_MESSAGE: usize = 1 << 20;
 pub enum ReadPattern {
     /// On demand: the exact bytes, unless the server sees a sequential reader.
     Demand,
-    /// Ahead of a sequential reader (a mount's readahead, a download): the
-    /// aligned blocks of the pack that hold the chunks, and the next ones.
+    /// Ahead of a sequential reader (a mount's readahead): the aligned
+    /// blocks of the pack that hold the chunks, and the next one. For a
+    /// caller that reads ahead itself; a plain sequential reader (a
+    /// download) is `Demand`, and the server, seeing its calls follow each
+    /// other, fetches more blocks ahead for it.
     Ahead,
 }
 

@@ -141,7 +141,7 @@ async fn write_file(
         let ids: Vec<_> = window.iter().map(|c| c.id).collect();
         let raws = reader
             .chunk_servers()
-            .fetch(&ids, crate::ReadPattern::Ahead)
+            .fetch(&ids, crate::ReadPattern::Demand)
             .await?;
         for raw in raws {
             out.write_all(&raw).map_err(|e| io_err(path, e))?;

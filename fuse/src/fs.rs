@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use granary_core::tree::{EntryData, Timestamp};
+use granary_core::tree::{EntryData, FileContent, Timestamp};
 use granary_core::{ChunkRef, EntryKind, TreeEntry, TreeId};
 use tokio::sync::OnceCell;
 
@@ -210,9 +210,13 @@ const DIR_STATES: usize = 1024;
 /// A first read of a file within this many positions of the directory's last
 /// one counts as continuing a name-order pass.
 const SIBLING_NEAR: usize = 8;
+/// Sibling directories one read carries a name-order pass into, at most:
+/// each costs a tree fetch the first time, and the read waits for them. The
+/// next reads carry it further.
+const DIRS_AHEAD_PER_READ: usize = 4;
 
 /// Name-order reads of one directory's files (see the module docs).
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct DirReadahead {
     /// Position of the furthest file read in the current streak.
     last: usize,
@@ -224,6 +228,11 @@ struct DirReadahead {
     /// `issued_bytes` of its first files are prefetched.
     seeded: bool,
     issued_bytes: u64,
+    /// Seeded over a pass that had finished here (an earlier epoch): the
+    /// kernel may still cache these files, and reads it serves never reach
+    /// the mount, so only `readahead_initial` bytes are prefetched until a
+    /// read does.
+    again: bool,
 }
 
 struct Handle {
@@ -557,7 +566,7 @@ impl GranaryFs {
             ra.window = if ra.window == 0 {
                 self.cfg.readahead_initial
             } else {
-                (ra.window * 2).min(self.cfg.readahead_max)
+                (ra.window * 2).min(self.cfg.readahead_max.min(self.cfg.readahead_global))
             };
             let to = end.saturating_add(ra.window).min(layout.size());
             let from = ra.issued_to.max(end);
@@ -580,6 +589,35 @@ impl GranaryFs {
             batches.push(c);
         }
         batches.flush();
+    }
+
+    /// Reserves the budget for the first files of `entries` until their
+    /// sizes reach `want` (the last may pass it) or the budget is spent,
+    /// whichever comes first: how many files and their bytes. A pass whose
+    /// window is the whole budget thus goes on with what is free, instead
+    /// of waiting for every byte in flight to land.
+    fn reserve_files(&self, entries: &[TreeEntry], want: u64) -> (usize, u64) {
+        let cap = self.cfg.readahead_global;
+        let mut took = (0, 0);
+        let reserved = self
+            .prefetch_inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                let free = cap.saturating_sub(cur);
+                let (mut n, mut sum) = (0, 0u64);
+                while n < entries.len() && sum < want && sum + entries[n].size() <= free {
+                    sum += entries[n].size();
+                    n += 1;
+                }
+                took = (n, sum);
+                (n > 0).then_some(cur + sum)
+            });
+        match reserved {
+            Ok(before) => {
+                self.prefetch_peak.fetch_max(before + took.1, Ordering::Relaxed);
+                took
+            }
+            Err(_) => (0, 0),
+        }
     }
 
     /// Reserves `bytes` of the mount's prefetch budget (`readahead_global`),
@@ -626,6 +664,7 @@ impl GranaryFs {
                 ra.streak += 1;
                 ra.last = ra.last.max(pos);
                 ra.seeded = false;
+                ra.again = false;
             } else {
                 *ra = DirReadahead {
                     last: pos,
@@ -634,6 +673,7 @@ impl GranaryFs {
                     issued_to: pos + 1,
                     seeded: false,
                     issued_bytes: 0,
+                    again: false,
                 };
             }
             if ra.streak < 3 {
@@ -642,7 +682,7 @@ impl GranaryFs {
             ra.window = if ra.window == 0 {
                 self.cfg.readahead_initial
             } else {
-                (ra.window * 2).min(self.cfg.readahead_global.max(self.cfg.readahead_max))
+                (ra.window * 2).min(self.cfg.readahead_global)
             };
             // The files after `last`, until their bytes fill the window; in
             // steps of at least half a window, so that every file read does
@@ -652,19 +692,18 @@ impl GranaryFs {
             if ahead >= ra.window / 2 {
                 return;
             }
-            let (mut to, mut bytes) = (from, 0);
-            while to < entries.len() && ahead + bytes < ra.window {
-                bytes += entries[to].size();
-                to += 1;
-            }
-            let issue = if to == from {
+            let issue = if from == entries.len() {
                 None
-            } else if self.reserve_prefetch(bytes) {
-                ra.issued_to = to;
-                Some((from, to, bytes))
             } else {
-                return;
+                match self.reserve_files(&entries[from..], ra.window - ahead) {
+                    (0, _) => return, // the budget is spent: the next read tries again
+                    (n, bytes) => {
+                        ra.issued_to = from + n;
+                        Some((from, from + n, bytes))
+                    }
+                }
             };
+            let (to, bytes) = issue.map_or((from, 0), |(_, to, bytes)| (to, bytes));
             // The window reaches past the directory's last file: the pass
             // goes on into the next directories.
             let next = (to == entries.len() && ahead + bytes < ra.window)
@@ -686,7 +725,9 @@ impl GranaryFs {
     /// the files after that, and starts each directory's readahead state as
     /// if those files were being read, so the pass's first reads there
     /// continue the streak (with its `window`). Stops at a directory that
-    /// readers are in already.
+    /// readers are in already (a pass that finished there earlier, as in the
+    /// previous epoch of a training loop, does not count), and after
+    /// [`DIRS_AHEAD_PER_READ`] directories.
     async fn continue_into_next_dir(&self, dir: &Inode, mut bytes: u64, window: u64) {
         let Ok(parent) = self.inode(dir.parent) else {
             return;
@@ -703,7 +744,10 @@ impl GranaryFs {
         let Ok(mut pos) = siblings.binary_search_by(|e| e.name.as_slice().cmp(name)) else {
             return;
         };
-        while bytes > 0 {
+        for _ in 0..DIRS_AHEAD_PER_READ {
+            if bytes == 0 {
+                return;
+            }
             pos += 1;
             let Some(next) = siblings.get(pos) else { return };
             let EntryData::Dir { tree } = &next.data else {
@@ -714,12 +758,12 @@ impl GranaryFs {
             };
             let next_dir = self.child(&parent, next);
             let entries = tree.entries();
-            let (from, to, reserved) = {
+            let (from, to, reserved, again) = {
                 let mut states = self.dir_ra.lock().expect("directory readahead");
                 if states.len() >= DIR_STATES && !states.contains_key(&next_dir.ino) {
                     states.clear();
                 }
-                let ra = states.entry(next_dir.ino).or_insert_with(|| DirReadahead {
+                let seed = DirReadahead {
                     last: 0,
                     // The pass's first read here makes it 3: prefetching goes on.
                     streak: 2,
@@ -728,26 +772,43 @@ impl GranaryFs {
                     issued_to: 0,
                     seeded: true,
                     issued_bytes: 0,
-                });
+                    again: false,
+                };
+                let ra = states.entry(next_dir.ino).or_insert_with(|| seed.clone());
+                let finished = ra.last + 1 >= entries.len() && ra.issued_to >= entries.len();
+                if !ra.seeded && finished {
+                    *ra = DirReadahead { again: true, ..seed };
+                }
                 if !ra.seeded || ra.issued_bytes >= bytes {
                     return;
                 }
+                ra.window = ra.window.max((window / 2).max(self.cfg.readahead_initial));
                 bytes -= ra.issued_bytes;
-                let (from, mut to, mut sum) = (ra.issued_to, ra.issued_to, 0);
-                while to < entries.len() && sum < bytes {
-                    sum += entries[to].size();
-                    to += 1;
-                }
-                if sum > 0 && !self.reserve_prefetch(sum) {
+                // A later epoch: a little until a read shows the kernel does
+                // not have these files (a pass over cached pages found the
+                // mount prefetching whole windows nobody read, at a third of
+                // the page cache's speed), and no further.
+                let here = if ra.again {
+                    bytes.min(self.cfg.readahead_initial.saturating_sub(ra.issued_bytes))
+                } else {
+                    bytes
+                };
+                if here == 0 {
                     return;
                 }
+                let from = ra.issued_to.min(entries.len());
+                let (n, sum) = self.reserve_files(&entries[from..], here);
+                if n == 0 && from < entries.len() {
+                    return; // the budget is spent
+                }
+                let to = from + n;
                 ra.issued_to = to;
                 ra.issued_bytes += sum;
-                (from, to, sum)
+                (from, to, sum, ra.again)
             };
             self.prefetch_files(&entries[from..to], reserved);
             bytes = bytes.saturating_sub(reserved);
-            if to < entries.len() {
+            if again || to < entries.len() {
                 return;
             }
         }
@@ -755,20 +816,40 @@ impl GranaryFs {
 
     /// Prefetches the files among `entries` whole, in the background;
     /// `reserved` bytes of the budget were reserved for them.
+    ///
+    /// Files whose chunk list is in their entry are registered with the
+    /// cache before this returns, so a read that comes next joins their
+    /// fetch (a task started here may run only after the reader has moved
+    /// on: reads served from memory outpace a thread's wake-up); spilled
+    /// lists are fetched first, in the task.
     fn prefetch_files(&self, entries: &[TreeEntry], reserved: u64) {
-        let files: Vec<TreeEntry> = entries
-            .iter()
-            .filter(|e| e.kind() == EntryKind::File && e.size() > 0)
-            .cloned()
-            .collect();
-        let (source, mut batches) = (self.source.clone(), self.batches());
+        let mut batches = self.batches();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             batches.give_back(reserved);
             return;
         };
+        let mut spilled: Vec<TreeEntry> = Vec::new();
+        for e in entries
+            .iter()
+            .filter(|e| e.kind() == EntryKind::File && e.size() > 0)
+        {
+            match &e.data {
+                EntryData::File {
+                    content: FileContent::Inline(list),
+                    ..
+                } => list.iter().for_each(|c| batches.push(*c)),
+                _ => spilled.push(e.clone()),
+            }
+        }
+        if spilled.is_empty() {
+            batches.flush();
+            batches.give_back(reserved.saturating_sub(batches.pushed));
+            return;
+        }
+        let source = self.source.clone();
         rt.spawn(async move {
-            for entry in &files {
-                // Inline lists are at hand; a spilled one is one fetch (cached).
+            for entry in &spilled {
+                // One fetch per spilled list (the source caches lists).
                 let Ok(list) = source.chunk_list(entry).await else {
                     continue;
                 };

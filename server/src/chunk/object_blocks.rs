@@ -5,14 +5,14 @@
 //! ranged GET per call: a mount reading a dataset of 1 MiB files sent one GET
 //! per file. A sequential reader now gets the aligned [`BLOCK`]-sized blocks
 //! that cover its call (one GET each, the blocks of a call concurrently), and
-//! the next [`PREFETCH_BLOCKS`] blocks start downloading while it reads
-//! them. The last [`CACHED_BLOCKS`] blocks are kept in memory and serve later
-//! calls; callers that want a block being fetched wait for that fetch instead
-//! of starting another. A sequential scan of a pack (a mount, a download)
+//! the next [`PREFETCH_BLOCKS`] blocks (one for a caller that reads ahead
+//! itself) start downloading while it reads them. The last [`CACHED_BLOCKS`]
+//! blocks are kept in memory and serve later calls; callers that want a
+//! block being fetched wait for that fetch instead of starting another. A sequential scan of a pack (a mount, a download)
 //! then costs one GET per block, overlapped with the reading.
 //!
 //! A call counts as sequential when the caller says it reads ahead
-//! (`GetFramesRequest.readahead`: a mount's readahead, a download), when it
+//! (`GetFramesRequest.readahead`: a mount's prefetches), when it
 //! starts within a block of where one of the last few calls on the same
 //! object ended, or in (or just after) a block that is cached or being
 //! fetched; several readers of one pack are each recognised. The caller's
@@ -26,7 +26,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, Semaphore};
 
 use crate::object::{ObjectError, ObjectTier};
 
@@ -43,19 +43,24 @@ const SIZES_KEPT: usize = 4096;
 /// Blocks fetched ahead of a sequential reader.
 pub const PREFETCH_BLOCKS: u64 = 4;
 
-/// Block GETs in flight at most, for the whole chunk server. A mount's
+/// Block GETs in flight at most, per chunk server. A mount's
 /// readahead can span several packs; without a cap its blocks (and each
 /// pack's next one) were 20-25 GETs at once against the S3 server, which
 /// then served every one of them slower (measured against moto: the same
 /// GETs took 1.5-1.7x its CPU).
 pub const BLOCK_GETS_IN_FLIGHT: usize = 8;
-static BLOCK_GETS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BLOCK_GETS_IN_FLIGHT);
 
 type BlockId = (String, u64);
 
 /// Block `i` of the object `key` of `size` bytes, with one GET.
-async fn fetch_block(tier: &ObjectTier, key: &str, i: u64, size: u64) -> Result<Bytes, ObjectError> {
-    let _permit = BLOCK_GETS.acquire().await.expect("never closed");
+async fn fetch_block(
+    tier: &ObjectTier,
+    gets: &Semaphore,
+    key: &str,
+    i: u64,
+    size: u64,
+) -> Result<Bytes, ObjectError> {
+    let _permit = gets.acquire().await.expect("never closed");
     let start = i * BLOCK;
     let len = BLOCK.min(size - start) as u32;
     tier.get_ranges(key, &[(start, len)]).await.map(Bytes::from)
@@ -64,6 +69,8 @@ async fn fetch_block(tier: &ObjectTier, key: &str, i: u64, size: u64) -> Result<
 /// Block reads of one object tier; see the module docs.
 pub struct ObjectBlocks {
     tier: ObjectTier,
+    /// [`BLOCK_GETS_IN_FLIGHT`] permits, one per block GET.
+    gets: Arc<Semaphore>,
     state: Mutex<State>,
 }
 
@@ -81,6 +88,7 @@ impl ObjectBlocks {
     pub fn new(tier: ObjectTier) -> Self {
         Self {
             tier,
+            gets: Arc::new(Semaphore::new(BLOCK_GETS_IN_FLIGHT)),
             state: Mutex::default(),
         }
     }
@@ -139,21 +147,30 @@ impl ObjectBlocks {
             // these. A caller that reads ahead itself gets one: its own
             // readahead asks for the rest in time.
             let last = *ids.last().expect("not empty");
-            let ahead = if readahead { 1 } else { PREFETCH_BLOCKS };
+            // Not while half the cache is already waiting to be filled: the
+            // readers' own calls come first, and more cells in flight would
+            // push out filled blocks nobody has read yet.
+            let ahead = if self.unfilled() >= CACHED_BLOCKS / 2 {
+                0
+            } else if readahead {
+                1
+            } else {
+                PREFETCH_BLOCKS
+            };
             for next in (last + 1..=last + ahead).take_while(|n| n * BLOCK < size) {
                 let cell = self.cell(key, next);
                 if !cell.initialized() {
-                    let (tier, key) = (self.tier.clone(), key.to_string());
+                    let (tier, gets, key) = (self.tier.clone(), self.gets.clone(), key.to_string());
                     tokio::spawn(async move {
                         let _ = cell
-                            .get_or_try_init(|| fetch_block(&tier, &key, next, size))
+                            .get_or_try_init(|| fetch_block(&tier, &gets, &key, next, size))
                             .await;
                     });
                 }
             }
         }
         let blocks: Vec<Bytes> = futures::future::try_join_all(cells.iter().map(|(i, cell)| async move {
-            cell.get_or_try_init(|| fetch_block(&self.tier, key, *i, size))
+            cell.get_or_try_init(|| fetch_block(&self.tier, &self.gets, key, *i, size))
                 .await
                 .cloned()
         }))
@@ -205,6 +222,12 @@ impl ObjectBlocks {
         in_cache || near
     }
 
+    /// Cells waiting for their block's GET.
+    fn unfilled(&self) -> usize {
+        let st = self.state.lock().expect("object block cache lock");
+        st.blocks.values().filter(|c| !c.initialized()).count()
+    }
+
     fn all_cached(&self, key: &str, ids: &[u64]) -> bool {
         let st = self.state.lock().expect("object block cache lock");
         ids.iter().all(|&i| {
@@ -223,17 +246,19 @@ impl ObjectBlocks {
             st.order.remove(pos);
         }
         st.order.push_back(id.clone());
-        let cell = st.blocks.entry(id).or_default().clone();
+        let cell = st.blocks.entry(id.clone()).or_default().clone();
         // Blocks still being fetched (not filled, and held by a fetch or a
         // waiting call besides this map) stay: a reader asked for them, and
         // dropping one would make its next call fetch it again. The cache
         // holds more than its cap only while more are in flight than it holds.
         while st.order.len() > CACHED_BLOCKS {
             let State { blocks, order, .. } = &mut *st;
+            // Nor the block just asked for (the caller is about to read it).
             let Some(pos) = order.iter().position(|b| {
-                blocks
-                    .get(b)
-                    .is_none_or(|c| c.initialized() || Arc::strong_count(c) == 1)
+                *b != id
+                    && blocks
+                        .get(b)
+                        .is_none_or(|c| c.initialized() || Arc::strong_count(c) == 1)
             }) else {
                 break;
             };

@@ -290,10 +290,9 @@ fn raw_put(
     Ok(Step { secs, bytes, cpu })
 }
 
-/// Ranged GETs in flight in the raw-GET ceiling: the chunk server's block
-/// reads for one sequential reader (the block read plus `PREFETCH_BLOCKS`
-/// ahead), for two packs at once.
-const PARALLEL_GETS: usize = 2 * (1 + object_blocks::PREFETCH_BLOCKS as usize);
+/// Ranged GETs in flight in the raw-GET ceiling: as many as a chunk server
+/// sends at most for its block reads.
+const PARALLEL_GETS: usize = object_blocks::BLOCK_GETS_IN_FLIGHT;
 /// Size of each ranged GET of the ceiling: the chunk server's block.
 const GET_BLOCK: u64 = object_blocks::BLOCK;
 
