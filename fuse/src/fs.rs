@@ -204,8 +204,22 @@ const INODE_HANDLES: usize = 4096;
 /// cache (one file each) 4 MiB of 4 KiB chunks would be a thousand reads.
 const PREFETCH_BATCH_CHUNKS: usize = 64;
 
-/// Directories whose file-order readahead state is kept (then it starts over).
+/// Directories whose file-order readahead state is kept; when full, the
+/// half touched longest ago is dropped (a pass there starts over).
 const DIR_STATES: usize = 1024;
+
+/// Makes room in `states` for `ino`: drops the half of the states touched
+/// longest ago when full (clearing them all would restart every reader's
+/// pass, the one deciding now included), then stamps `ino`'s as touched.
+fn touch_dir_state(states: &mut HashMap<u64, DirReadahead>, ino: u64, tick: &mut u64) {
+    if states.len() >= DIR_STATES && !states.contains_key(&ino) {
+        let mut ticks: Vec<u64> = states.values().map(|s| s.touched).collect();
+        let (_, &mut median, _) = ticks.select_nth_unstable(DIR_STATES / 2);
+        states.retain(|_, s| s.touched > median);
+    }
+    *tick += 1;
+    states.entry(ino).or_default().touched = *tick;
+}
 
 /// A first read of a file within this many positions of the directory's last
 /// one counts as continuing a name-order pass.
@@ -233,6 +247,15 @@ struct DirReadahead {
     /// the mount, so only `readahead_initial` bytes are prefetched until a
     /// read does.
     again: bool,
+    /// When a read or a pass last came here (see [`touch_dir_state`]).
+    touched: u64,
+}
+
+/// The directories' readahead states, and the clock that stamps them.
+#[derive(Default)]
+struct DirStates {
+    states: HashMap<u64, DirReadahead>,
+    tick: u64,
 }
 
 struct Handle {
@@ -254,7 +277,7 @@ pub struct GranaryFs {
     /// Handles of files read without an open (see [`GranaryFs::read_inode`]).
     inode_handles: Mutex<HashMap<u64, Arc<Handle>>>,
     /// File-order readahead per directory inode.
-    dir_ra: Mutex<HashMap<u64, DirReadahead>>,
+    dir_ra: Mutex<DirStates>,
     next_fh: AtomicU64,
     /// Prefetch bytes reserved and not yet landed (at most `cfg.readahead_global`).
     prefetch_inflight: Arc<AtomicU64>,
@@ -655,11 +678,10 @@ impl GranaryFs {
             return;
         };
         let (issue, next) = {
-            let mut states = self.dir_ra.lock().expect("directory readahead");
-            if states.len() >= DIR_STATES && !states.contains_key(&dir.ino) {
-                states.clear();
-            }
-            let ra = states.entry(dir.ino).or_default();
+            let mut guard = self.dir_ra.lock().expect("directory readahead");
+            let DirStates { states, tick } = &mut *guard;
+            touch_dir_state(states, dir.ino, tick);
+            let ra = states.get_mut(&dir.ino).expect("just touched");
             if ra.streak > 0 && pos + SIBLING_NEAR >= ra.last && pos <= ra.last + SIBLING_NEAR {
                 ra.streak += 1;
                 ra.last = ra.last.max(pos);
@@ -674,6 +696,7 @@ impl GranaryFs {
                     seeded: false,
                     issued_bytes: 0,
                     again: false,
+                    touched: ra.touched,
                 };
             }
             if ra.streak < 3 {
@@ -759,10 +782,10 @@ impl GranaryFs {
             let next_dir = self.child(&parent, next);
             let entries = tree.entries();
             let (from, to, reserved, again) = {
-                let mut states = self.dir_ra.lock().expect("directory readahead");
-                if states.len() >= DIR_STATES && !states.contains_key(&next_dir.ino) {
-                    states.clear();
-                }
+                let mut guard = self.dir_ra.lock().expect("directory readahead");
+                let DirStates { states, tick } = &mut *guard;
+                let fresh = !states.contains_key(&next_dir.ino);
+                touch_dir_state(states, next_dir.ino, tick);
                 let seed = DirReadahead {
                     last: 0,
                     // The pass's first read here makes it 3: prefetching goes on.
@@ -773,11 +796,19 @@ impl GranaryFs {
                     seeded: true,
                     issued_bytes: 0,
                     again: false,
+                    touched: 0,
                 };
-                let ra = states.entry(next_dir.ino).or_insert_with(|| seed.clone());
+                let ra = states.get_mut(&next_dir.ino).expect("just touched");
+                let touched = ra.touched;
                 let finished = ra.last + 1 >= entries.len() && ra.issued_to >= entries.len();
-                if !ra.seeded && finished {
-                    *ra = DirReadahead { again: true, ..seed };
+                if fresh {
+                    *ra = DirReadahead { touched, ..seed };
+                } else if !ra.seeded && finished {
+                    *ra = DirReadahead {
+                        again: true,
+                        touched,
+                        ..seed
+                    };
                 }
                 if !ra.seeded || ra.issued_bytes >= bytes {
                     return;
@@ -989,6 +1020,23 @@ fn assemble(layout: &Layout, first: usize, chunks: &[Bytes], offset: u64, end: u
 mod tests {
     use super::*;
     use granary_core::ChunkId;
+
+    #[test]
+    fn a_full_table_of_directory_states_drops_the_oldest_half() {
+        let (mut states, mut tick) = (HashMap::new(), 0);
+        for ino in 0..DIR_STATES as u64 {
+            touch_dir_state(&mut states, ino, &mut tick);
+        }
+        // Directory 0 is being read still: its state is touched again.
+        states.get_mut(&0).unwrap().streak = 7;
+        touch_dir_state(&mut states, 0, &mut tick);
+        assert_eq!(states.len(), DIR_STATES, "touching a known one makes no room");
+        touch_dir_state(&mut states, 5000, &mut tick);
+        assert!(states.len() <= DIR_STATES / 2 + 1, "{}", states.len());
+        assert_eq!(states[&0].streak, 7, "the directory being read keeps its pass");
+        assert!(states.contains_key(&5000) && states.contains_key(&(DIR_STATES as u64 - 1)));
+        assert!(!states.contains_key(&1), "the oldest went");
+    }
 
     #[test]
     fn span_maps_byte_ranges_to_chunks() {

@@ -49,6 +49,10 @@ pub const PREFETCH_BLOCKS: u64 = 4;
 /// then served every one of them slower (measured against moto: the same
 /// GETs took 1.5-1.7x its CPU).
 pub const BLOCK_GETS_IN_FLIGHT: usize = 8;
+/// Block GETs in flight at most for the calls of readers that wait for
+/// them (not reading ahead), besides [`BLOCK_GETS_IN_FLIGHT`]: a reader's
+/// own block does not queue behind the readahead's.
+pub const DEMAND_GETS_IN_FLIGHT: usize = 4;
 
 type BlockId = (String, u64);
 
@@ -69,8 +73,10 @@ async fn fetch_block(
 /// Block reads of one object tier; see the module docs.
 pub struct ObjectBlocks {
     tier: ObjectTier,
-    /// [`BLOCK_GETS_IN_FLIGHT`] permits, one per block GET.
+    /// [`BLOCK_GETS_IN_FLIGHT`] permits, one per block GET of readahead.
     gets: Arc<Semaphore>,
+    /// [`DEMAND_GETS_IN_FLIGHT`] permits, one per block GET a reader waits for.
+    demand_gets: Semaphore,
     state: Mutex<State>,
 }
 
@@ -89,6 +95,7 @@ impl ObjectBlocks {
         Self {
             tier,
             gets: Arc::new(Semaphore::new(BLOCK_GETS_IN_FLIGHT)),
+            demand_gets: Semaphore::new(DEMAND_GETS_IN_FLIGHT),
             state: Mutex::default(),
         }
     }
@@ -169,8 +176,11 @@ impl ObjectBlocks {
                 }
             }
         }
+        // The blocks of this call: a reader waits for them unless the call
+        // reads ahead.
+        let gets = if readahead { &*self.gets } else { &self.demand_gets };
         let blocks: Vec<Bytes> = futures::future::try_join_all(cells.iter().map(|(i, cell)| async move {
-            cell.get_or_try_init(|| fetch_block(&self.tier, &self.gets, key, *i, size))
+            cell.get_or_try_init(|| fetch_block(&self.tier, gets, key, *i, size))
                 .await
                 .cloned()
         }))
@@ -292,6 +302,41 @@ mod tests {
         assert!(!has(1) && !has(2), "filled and abandoned blocks are evicted");
         assert_eq!(st.blocks.len(), CACHED_BLOCKS);
         drop(fetching);
+    }
+
+    #[tokio::test]
+    async fn a_reader_does_not_wait_behind_the_readahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = ObjectTier::from_url(&format!("file://{}", dir.path().display())).unwrap();
+        let data: Vec<u8> = (0..(3 * BLOCK) as usize).map(|i| (i % 253) as u8).collect();
+        tier.put_bytes("packs/y.pack", Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        let blocks = ObjectBlocks::new(tier);
+        // Readahead holds every block GET it may have in flight.
+        let _held = blocks
+            .gets
+            .acquire_many(BLOCK_GETS_IN_FLIGHT as u32)
+            .await
+            .unwrap();
+        // A reader's first call (exact), then its next one (sequential: served from blocks).
+        assert_eq!(
+            blocks
+                .get_ranges("packs/y.pack", &[(0, 10)], false)
+                .await
+                .unwrap(),
+            &data[..10]
+        );
+        let next = blocks.get_ranges("packs/y.pack", &[(10, 4096)], false);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), next)
+            .await
+            .expect("the reader's block is fetched while readahead holds its permits")
+            .unwrap();
+        assert_eq!(got, &data[10..4106]);
+        assert!(
+            blocks.cell("packs/y.pack", 0).initialized(),
+            "served from a block"
+        );
     }
 
     #[tokio::test]
