@@ -630,6 +630,38 @@ async fn read_files(fs: &GranaryFs, files: &[Vec<u8>], order: &[usize]) {
     }
 }
 
+/// `n_dirs` directories `dNN` of `files` files of `len` random bytes each
+/// (one chunk each, from `seed`) under the root: the source and the bytes.
+fn dirs_of_files(seed: u64, n_dirs: usize, files: usize, len: usize) -> (MemSource, Vec<Vec<Vec<u8>>>) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut src = MemSource::default();
+    let (mut dirs, mut contents) = (Vec::new(), Vec::new());
+    for d in 0..n_dirs {
+        let (entry, bytes) = dir_of_files(&mut src, &mut rng, &format!("d{d:02}"), files, len);
+        dirs.push(entry);
+        contents.push(bytes);
+    }
+    src.root = src.add_tree(Tree::new(dirs).unwrap());
+    (src, contents)
+}
+
+/// Reads every file of directory `dNN` (`d`) whole, in name order, and checks its bytes.
+async fn read_dir_in_name_order(fs: &GranaryFs, d: usize, files: &[Vec<u8>]) {
+    let dir = fs
+        .lookup(ROOT_INO, format!("d{d:02}").as_bytes())
+        .await
+        .unwrap()
+        .ino;
+    for (i, want) in files.iter().enumerate() {
+        let ino = fs.lookup(dir, format!("f{i:04}").as_bytes()).await.unwrap().ino;
+        assert_eq!(
+            &fs.read_inode(ino, 0, 1 << 20).await.unwrap(),
+            want,
+            "d{d:02}/f{i:04}"
+        );
+    }
+}
+
 /// Waits (up to 5 s) for the background prefetches to end, so that counts
 /// taken after it are final.
 async fn settle(fs: &GranaryFs) {
@@ -674,33 +706,13 @@ fn a_name_order_pass_goes_on_into_the_next_directories() {
     // dataset reads them: the readahead started in d00 carries into d01 and
     // on, so only d00's first files wait for a fetch. Each directory's pass
     // starting afresh would miss at least its first 3 files (12 in all).
-    let mut rng = fastrand::Rng::with_seed(11);
-    let mut src = MemSource::default();
-    let (mut dirs, mut contents) = (Vec::new(), Vec::new());
-    for d in 0..4 {
-        let (entry, files) = dir_of_files(&mut src, &mut rng, &format!("d{d:02}"), 50, 4096);
-        dirs.push(entry);
-        contents.push(files);
-    }
-    src.root = src.add_tree(Tree::new(dirs).unwrap());
+    let (src, contents) = dirs_of_files(11, 4, 50, 4096);
     let tmp = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let (fs, src) = mount(src, 64 << 20, tmp.path(), 64 << 20, ra_config());
         let mut misses_in_d00 = 0;
         for (d, files) in contents.iter().enumerate() {
-            let dir = fs
-                .lookup(ROOT_INO, format!("d{d:02}").as_bytes())
-                .await
-                .unwrap()
-                .ino;
-            for (i, want) in files.iter().enumerate() {
-                let ino = fs.lookup(dir, format!("f{i:04}").as_bytes()).await.unwrap().ino;
-                assert_eq!(
-                    &fs.read_inode(ino, 0, 1 << 20).await.unwrap(),
-                    want,
-                    "d{d:02}/f{i:04}"
-                );
-            }
+            read_dir_in_name_order(&fs, d, files).await;
             if d == 0 {
                 misses_in_d00 = fs.stats().snapshot().misses;
             }
@@ -730,15 +742,7 @@ fn a_second_epoch_goes_on_into_the_next_directories_again() {
     // carry its readahead into d01.. again, although the first pass left
     // their states finished (not seeded). Starting each afresh would miss
     // at least its first 3 files (9 in d01..d03).
-    let mut rng = fastrand::Rng::with_seed(12);
-    let mut src = MemSource::default();
-    let (mut dirs, mut contents) = (Vec::new(), Vec::new());
-    for d in 0..4 {
-        let (entry, files) = dir_of_files(&mut src, &mut rng, &format!("d{d:02}"), 50, 256 << 10);
-        dirs.push(entry);
-        contents.push(files);
-    }
-    src.root = src.add_tree(Tree::new(dirs).unwrap());
+    let (src, contents) = dirs_of_files(12, 4, 50, 256 << 10);
     let tmp = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let (fs, _src) = mount(src, 8 << 20, tmp.path(), 8 << 20, ra_config());
@@ -746,19 +750,7 @@ fn a_second_epoch_goes_on_into_the_next_directories_again() {
         for _epoch in 0..2 {
             for (d, files) in contents.iter().enumerate() {
                 let before = fs.stats().snapshot().misses;
-                let dir = fs
-                    .lookup(ROOT_INO, format!("d{d:02}").as_bytes())
-                    .await
-                    .unwrap()
-                    .ino;
-                for (i, want) in files.iter().enumerate() {
-                    let ino = fs.lookup(dir, format!("f{i:04}").as_bytes()).await.unwrap().ino;
-                    assert_eq!(
-                        &fs.read_inode(ino, 0, 1 << 20).await.unwrap(),
-                        want,
-                        "d{d:02}/f{i:04}"
-                    );
-                }
+                read_dir_in_name_order(&fs, d, files).await;
                 misses.push(fs.stats().snapshot().misses - before);
             }
         }
@@ -802,16 +794,7 @@ fn concurrent_name_order_readers_stay_within_the_prefetch_budget() {
     // 16 directories of 64 one-chunk files, each read in name order by its
     // own task at once, from a slow cluster: every directory's readahead
     // wants a window ahead of its reader, together far more than the budget.
-    let mut rng = fastrand::Rng::with_seed(16);
-    let mut src = MemSource::default();
-    let mut dirs = Vec::new();
-    let mut want: Vec<Vec<Vec<u8>>> = Vec::new();
-    for d in 0..16 {
-        let (dir, files) = dir_of_files(&mut src, &mut rng, &format!("d{d:02}"), 64, 16 << 10);
-        dirs.push(dir);
-        want.push(files);
-    }
-    src.root = src.add_tree(Tree::new(dirs).unwrap());
+    let (src, want) = dirs_of_files(16, 16, 64, 16 << 10);
     src.delay_ms.store(5, Ordering::Relaxed);
     let budget = 256 << 10;
     let cfg = FsConfig {
