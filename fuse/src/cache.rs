@@ -398,9 +398,6 @@ impl ChunkCache {
             let found = tokio::task::spawn_blocking(move || {
                 let disk = this.disk.as_ref().expect("disk cache");
                 disk.get_many(&list, &st)
-                    .into_iter()
-                    .map(|b| b.map(Bytes::from))
-                    .collect::<Vec<_>>()
             })
             .await
             .map_err(|e| FsError::Io(format!("disk cache task: {e}")))?;

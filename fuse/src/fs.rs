@@ -599,13 +599,25 @@ impl GranaryFs {
             }
             let span = layout.span(from, to);
             // Skip chunks the current read already asks for.
-            let skip = layout.span(offset, end).end;
-            let chunks = &layout.chunks[span.start.max(skip)..span.end];
-            if !self.reserve_prefetch(chunks.iter().map(|c| c.len as u64).sum()) {
+            let first = span.start.max(layout.span(offset, end).end);
+            let chunks = &layout.chunks[first..span.end];
+            // As much of the window as the budget has free, if that is at
+            // least half of it: the rest is issued by a later read, when
+            // other prefetches have landed.
+            let (n, bytes) = self.reserve_prefix(chunks.len(), |i| chunks[i].len as u64, u64::MAX);
+            if n == 0 {
                 return;
             }
-            ra.issued_to = to;
-            chunks
+            if n < chunks.len() && bytes < ra.window / 2 {
+                release(&self.prefetch_inflight, bytes);
+                return;
+            }
+            ra.issued_to = if n == chunks.len() {
+                to
+            } else {
+                layout.ends[first + n - 1]
+            };
+            &chunks[..n]
         };
         let mut batches = self.batches();
         for &c in chunks {
@@ -620,6 +632,13 @@ impl GranaryFs {
     /// window is the whole budget thus goes on with what is free, instead
     /// of waiting for every byte in flight to land.
     fn reserve_files(&self, entries: &[TreeEntry], want: u64) -> (usize, u64) {
+        self.reserve_prefix(entries.len(), |i| entries[i].size(), want)
+    }
+
+    /// Reserves the budget for the first of `count` items (`size(i)` bytes
+    /// each) until their sizes reach `want` (the last may pass it) or the
+    /// next would not fit: how many items and their bytes.
+    fn reserve_prefix(&self, count: usize, size: impl Fn(usize) -> u64, want: u64) -> (usize, u64) {
         let cap = self.cfg.readahead_global;
         let mut took = (0, 0);
         let reserved = self
@@ -627,8 +646,8 @@ impl GranaryFs {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                 let free = cap.saturating_sub(cur);
                 let (mut n, mut sum) = (0, 0u64);
-                while n < entries.len() && sum < want && sum + entries[n].size() <= free {
-                    sum += entries[n].size();
+                while n < count && sum < want && sum + size(n) <= free {
+                    sum += size(n);
                     n += 1;
                 }
                 took = (n, sum);
@@ -640,25 +659,6 @@ impl GranaryFs {
                 took
             }
             Err(_) => (0, 0),
-        }
-    }
-
-    /// Reserves `bytes` of the mount's prefetch budget (`readahead_global`),
-    /// or returns false when that would pass it. A prefetch reserves before
-    /// it is issued and gives its bytes back as its batches land, so readers
-    /// deciding at the same moment cannot pass the budget together.
-    fn reserve_prefetch(&self, bytes: u64) -> bool {
-        let cap = self.cfg.readahead_global;
-        match self
-            .prefetch_inflight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                cur.checked_add(bytes).filter(|&n| n <= cap)
-            }) {
-            Ok(before) => {
-                self.prefetch_peak.fetch_max(before + bytes, Ordering::Relaxed);
-                true
-            }
-            Err(_) => false,
         }
     }
 
@@ -927,7 +927,9 @@ impl GranaryFs {
 /// Chunks to prefetch, cut into batches of at most `max_bytes` and
 /// [`PREFETCH_BATCH_CHUNKS`] as they are pushed; each batch is fetched in the
 /// background. The caller has reserved the bytes it pushes
-/// ([`GranaryFs::reserve_prefetch`]); each batch gives its share back when
+/// ([`GranaryFs::reserve_prefix`]: a prefetch reserves before it is
+/// issued, so readers deciding at the same moment cannot pass the budget
+/// together); each batch gives its share back when
 /// it lands.
 struct Batches {
     prefetcher: Prefetcher,
