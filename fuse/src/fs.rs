@@ -1059,6 +1059,87 @@ mod tests {
         assert_eq!(Layout::new(vec![]).span(0, 10), 0..0);
     }
 
+    /// A streaming reader whose next step is larger than what the budget
+    /// has free (other readers hold the rest) still prefetches the part
+    /// that fits when it is at least half its window. All or nothing, its
+    /// steps (half a window plus the reads since) never fit again and it
+    /// stopped prefetching for good.
+    #[test]
+    fn sequential_readahead_takes_the_part_of_a_step_the_budget_has_room_for() {
+        use crate::source::MemSource;
+        use granary_core::tree::file_content;
+        use granary_core::Tree;
+
+        let (len, chunk) = (8usize << 20, 16usize << 10);
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4099) as u8).collect();
+        let mut src = MemSource::default();
+        let chunks: Vec<_> = data.chunks(chunk).map(|c| src.add_chunk(c)).collect();
+        let (content, spilled) = file_content(chunks.clone());
+        if let Some((id, _)) = spilled {
+            src.lists.insert(id, chunks);
+        }
+        let entry = TreeEntry {
+            name: b"f".to_vec(),
+            mode: 0o644,
+            mtime: Timestamp::default(),
+            data: EntryData::File {
+                size: len as u64,
+                content,
+            },
+        };
+        src.root = src.add_tree(Tree::new(vec![entry]).unwrap());
+        let cfg = FsConfig {
+            readahead_initial: 64 << 10,
+            readahead_max: 1 << 20,
+            readahead_global: 2 << 20,
+            prefetch_batch: 128 << 10,
+            ..FsConfig::default()
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let src: Arc<dyn Source> = Arc::new(src);
+            let fs = GranaryFs::new(src, ChunkCache::new(64 << 20, None), cfg);
+            // Other readers' prefetches hold 1.4 MiB of the 2 MiB budget:
+            // 0.6 MiB is free, less than a step at the full 1 MiB window
+            // (0.5 MiB + a 256 KiB read at least) and more than half of it.
+            let held = 1_400 << 10;
+            fs.prefetch_inflight.fetch_add(held, Ordering::AcqRel);
+            let ino = fs.lookup(ROOT_INO, b"f").await.unwrap().ino;
+            let fh = fs.open(ino).await.unwrap();
+            let mut pos = 0;
+            while pos < len {
+                let got = fs.read(fh, pos as u64, 256 << 10).await.unwrap();
+                assert_eq!(got, &data[pos..pos + got.len()]);
+                pos += got.len();
+                // Let the batches issued so far land and give their bytes back.
+                for _ in 0..200 {
+                    if fs.prefetch_inflight() == held {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            let s = fs.stats().snapshot();
+            // All or nothing prefetched the first ~1.5 MiB (92 of 512
+            // chunks) and then nothing; taking what fits prefetches most of
+            // the 8 MiB.
+            assert!(
+                s.prefetched_chunks > 300,
+                "readahead stopped when its steps no longer fit whole: {s:?}"
+            );
+            assert!(
+                fs.prefetch_peak() <= 2 << 20,
+                "budget passed: {}",
+                fs.prefetch_peak()
+            );
+            assert_eq!(fs.prefetch_inflight(), held, "every reservation is given back");
+        });
+    }
+
     #[test]
     fn inode_numbers_are_a_function_of_the_path() {
         assert_eq!(ino_of(b"/a/b"), ino_of(b"/a/b"));
