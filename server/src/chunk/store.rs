@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use granary_core::pack::{PackReader, PackWriter, SealedPack};
@@ -208,11 +208,47 @@ impl PackStore {
             }
         }
         let total: usize = runs.iter().map(|(_, l)| l).sum();
-        let mut out = vec![0u8; total];
-        let mut pos = 0;
+        // Not zeroed first (that was 4% of a chunk server's CPU serving
+        // reads): each run is read into the spare capacity, and the length
+        // only ever covers what the reads filled.
+        let mut out: Vec<u8> = Vec::with_capacity(total);
         for (offset, n) in runs {
-            file.read_exact_at(&mut out[pos..pos + n], offset)?;
-            pos += n;
+            let mut done = 0;
+            while done < n {
+                let at = out.len();
+                let spare = &mut out.spare_capacity_mut()[..n - done];
+                // SAFETY: `spare` is writable memory of `n - done` bytes
+                // owned by `out`; pread writes at most that many.
+                let got = unsafe {
+                    libc::pread(
+                        file.as_raw_fd(),
+                        spare.as_mut_ptr().cast(),
+                        spare.len(),
+                        (offset + done as u64) as libc::off_t,
+                    )
+                };
+                match got {
+                    0 => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!(
+                                "pack {id} ended at {} while reading {offset}+{n}",
+                                offset + done as u64
+                            ),
+                        ))
+                    }
+                    // SAFETY: the read initialised `got` more bytes.
+                    g if g > 0 => unsafe { out.set_len(at + g as usize) },
+                    _ => {
+                        let e = io::Error::last_os_error();
+                        if e.kind() != io::ErrorKind::Interrupted {
+                            return Err(e);
+                        }
+                        continue;
+                    }
+                }
+                done += got as usize;
+            }
         }
         Ok(out)
     }
