@@ -99,6 +99,62 @@ pub(super) fn start_server(
     Ok((server, addr))
 }
 
+/// How a missing baseline tool is installed.
+pub(super) enum Package {
+    /// A Debian package (`apt-get install`, after `apt-get update` if the
+    /// first try fails: a fresh machine has no package lists).
+    Apt(&'static str),
+    /// A PyPI package (`python3 -m pip install`).
+    Pip(&'static str),
+}
+
+/// Makes sure `tool` is installed (`tool --version` starts, whatever it
+/// answers, and is not a shell or pyenv shim's 127), installing `package`
+/// when it is not; the error names the command to run by hand when
+/// installing fails.
+pub(super) fn ensure_tool(tool: &str, package: Package) -> anyhow::Result<()> {
+    let runs = || {
+        Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.code() != Some(127))
+    };
+    if runs() {
+        return Ok(());
+    }
+    let quiet = |cmd: &mut Command| {
+        cmd.stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    let (how, installed) = match package {
+        Package::Apt(pkg) => {
+            eprintln!("installing {tool} (Debian package {pkg}) for the side-by-side run");
+            let install = || {
+                quiet(
+                    Command::new("apt-get")
+                        .args(["install", "-y", "-qq", pkg])
+                        .env("DEBIAN_FRONTEND", "noninteractive"),
+                )
+            };
+            let ok = install() || (quiet(Command::new("apt-get").args(["update", "-qq"])) && install());
+            (format!("apt-get install {pkg}"), ok)
+        }
+        Package::Pip(pkg) => {
+            eprintln!("installing {tool} (PyPI package {pkg}) for the side-by-side run");
+            let ok = quiet(Command::new("python3").args(["-m", "pip", "install", "-q", pkg]));
+            (format!("pip install '{pkg}'"), ok)
+        }
+    };
+    if !installed || !runs() {
+        bail!("{tool} is not installed and `{how}` failed; install it and rerun");
+    }
+    Ok(())
+}
+
 /// The benchmark's working directory: `dir` when given, else a temporary
 /// directory (named `prefix...`) that lives as long as the returned guard.
 pub(super) fn work_dir(

@@ -24,7 +24,7 @@ use anyhow::{bail, Context};
 use serde_json::json;
 
 use super::datagen::random_bytes;
-use super::{start_server, vm_hwm, work_dir};
+use super::{ensure_tool, start_server, vm_hwm, work_dir, Package};
 use crate::commands::data::parse_size;
 
 #[derive(Debug, clap::Args)]
@@ -58,7 +58,7 @@ pub struct BenchMountArgs {
     /// `--cache-size` of the granary mounts (0: no disk cache; then (b), (d) and (e') are not warm).
     #[arg(long, default_value = "10GiB")]
     pub cache_size: String,
-    /// Skip the rclone side (also skipped when rclone is not installed).
+    /// Skip the rclone side (by default rclone is installed from Debian's package when missing).
     #[arg(long)]
     pub no_rclone: bool,
     /// Print machine-readable JSON instead of text.
@@ -308,9 +308,9 @@ fn rate(secs: f64, bytes: u64, files: usize, per_file: bool) -> f64 {
 
 pub fn run(args: &BenchMountArgs) -> anyhow::Result<()> {
     drop_caches()?;
-    let use_rclone = !args.no_rclone && Command::new("rclone").arg("version").output().is_ok();
-    if !args.no_rclone && !use_rclone {
-        eprintln!("rclone is not installed: measuring granary against the local copy only");
+    let use_rclone = !args.no_rclone;
+    if use_rclone {
+        ensure_tool("rclone", Package::Apt("rclone"))?;
     }
     let mem_cap = parse_size(&args.mem_cache)?;
     parse_size(&args.cache_size)?;

@@ -51,7 +51,7 @@ use serde_json::{json, Value};
 
 use super::datagen::{random_bytes, TextGen};
 use super::mount::{drop_caches, read_files, GranaryMount, RcloneMount};
-use super::{start_server, work_dir, ChildGuard};
+use super::{ensure_tool, start_server, work_dir, ChildGuard, Package};
 use crate::commands::data::parse_size;
 
 /// Dataset name used for the upload.
@@ -366,9 +366,7 @@ fn cold_read(
 
 pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
     drop_caches()?;
-    if Command::new("rclone").arg("version").output().is_err() {
-        bail!("rclone is not installed (the baseline): install it (`apt-get install rclone`) and rerun");
-    }
+    ensure_tool("rclone", Package::Apt("rclone"))?;
     let file_size = args.file_kib << 10;
     if file_size == 0 {
         bail!("--file-kib must be at least 1");
@@ -401,6 +399,7 @@ pub fn run(args: &BenchTierArgs) -> anyhow::Result<()> {
     let (moto, endpoint) = match &args.s3_endpoint {
         Some(e) => (None, e.trim_end_matches('/').to_string()),
         None => {
+            ensure_tool("moto_server", Package::Pip("moto[server]"))?;
             eprintln!("starting moto_server");
             let (m, e) = start_moto(&root)?;
             (Some(m), e)

@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use super::datagen::{random_bytes, TextGen};
-use super::{start_server, vm_hwm, work_dir};
+use super::{ensure_tool, start_server, vm_hwm, work_dir, Package};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchUploadArgs {
@@ -97,23 +97,6 @@ fn du(path: &Path) -> u64 {
 fn age(path: &Path) -> anyhow::Result<()> {
     let f = std::fs::File::options().write(true).open(path)?;
     f.set_modified(SystemTime::now() - Duration::from_secs(3600))?;
-    Ok(())
-}
-
-fn ensure_restic() -> anyhow::Result<()> {
-    if Command::new("restic").arg("version").output().is_ok() {
-        return Ok(());
-    }
-    eprintln!("installing restic (Debian package) for the side-by-side run");
-    let ok = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "restic"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        bail!("restic is not installed and `apt-get install restic` failed; install it and rerun");
-    }
     Ok(())
 }
 
@@ -210,7 +193,7 @@ fn durable_write_secs(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
 }
 
 pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
-    ensure_restic()?;
+    ensure_tool("restic", Package::Apt("restic"))?;
     let exe = std::env::current_exe()?;
     let (_tmp, root) = work_dir(&args.dir, "granary-bench-upload-")?;
     let data = root.join("data");
