@@ -27,7 +27,7 @@ pub enum Command {
     Download(DownloadArgs),
     /// List datasets.
     Datasets(DatasetsArgs),
-    /// Show the versions of a dataset.
+    /// Show the versions of a dataset (DATASET@N: just that one).
     Log(DatasetArg),
     /// List files of a dataset version: DATASET[@N][:PATH].
     Ls(LsArgs),
@@ -339,6 +339,7 @@ pub enum PolicyCommand {
     },
     /// Remove the policy of one dataset, or the default policy.
     Clear {
+        /// The dataset whose policy goes; without it, the default policy for all datasets.
         #[arg(long)]
         dataset: Option<String>,
         #[command(flatten)]
@@ -408,4 +409,35 @@ pub struct BenchIngestArgs {
     pub runs: u32,
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command has a description and every flag and argument a help
+    /// line, so `--help` at every level is complete.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() && !path.is_empty() {
+                missing.push(format!("command `{path}`"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("`{path}` argument {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, format!("{path} {}", sub.get_name()).trim(), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
 }

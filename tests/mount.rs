@@ -346,6 +346,23 @@ async fn two_versions_warm_remount_corrupt_cache_and_prefetch() {
     ]);
     let again: Value = serde_json::from_str(&ok("prefetch again", o)).unwrap();
     assert_eq!(again["fetched_bytes"], 0, "{again}");
+    // A cache too small for the version: prefetch says what did not fit.
+    let o = granary(&[
+        "prefetch",
+        "ds@1",
+        "--server",
+        &f.addr,
+        "--cache-dir",
+        s(&f.path("cache-small")),
+        "--cache-size",
+        "64KiB",
+    ]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "prefetch into a 64 KiB cache succeeded");
+    assert!(
+        err.contains("fit in the disk cache") && err.contains("--cache-size"),
+        "{err}"
+    );
     let m1 = MountGuard::mount(&f.addr, "ds@1", &f.path("m1"), &cache2);
     assert_eq!(snapshot_without_mtimes(&f.path("m1")), v1);
     let st = m1.umount();
@@ -362,7 +379,11 @@ async fn bad_mounts_fail_clearly_and_sigterm_unmounts() {
     let mnt = f.path("mnt");
     fs::create_dir_all(&mnt).unwrap();
     let cache = f.path("cache");
-    for (version, needle) in [("nope", "not found"), ("ds@7", "7"), ("bad name!", "")] {
+    for (version, needle) in [
+        ("nope", "dataset 'nope' not found"),
+        ("ds@7", "version ds@7 not found"),
+        ("bad name!", "invalid dataset name"),
+    ] {
         let o = granary(&[
             "mount",
             version,
@@ -441,6 +462,44 @@ async fn bad_mounts_fail_clearly_and_sigterm_unmounts() {
     let status = child.wait().unwrap();
     assert!(status.success(), "foreground mount exited with {status}");
     assert!(!is_mounted(&mnt), "SIGTERM left the mount in place");
+
+    // A mount whose process was killed leaves a stale mountpoint (every
+    // stat fails with ENOTCONN): mount says so, umount (given the path with
+    // a trailing slash) clears it.
+    let mut child = Command::new(BIN)
+        .args(["mount", "ds", s(&mnt), "--foreground", "--server", &f.addr])
+        .args(["--cache-dir", s(&cache)])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !is_mounted(&mnt) {
+        assert!(Instant::now() < deadline, "foreground mount never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stale = fs::metadata(&mnt).unwrap_err();
+    assert_eq!(stale.raw_os_error(), Some(libc::ENOTCONN), "{stale}");
+    let o = granary(&[
+        "mount",
+        "ds",
+        s(&mnt),
+        "--server",
+        &f.addr,
+        "--cache-dir",
+        s(&cache),
+    ]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("is a stale mount") && err.contains("granary umount"),
+        "{err}"
+    );
+    let o = granary(&["umount", &format!("{}/", mnt.display())]);
+    assert!(o.status.success(), "umount of a stale mount: {}", text(&o.stderr));
+    assert!(!is_mounted(&mnt), "the stale mount is still there");
+    assert!(fs::metadata(&mnt).unwrap().is_dir());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1362,3 +1362,79 @@ fn commit_of_a_root_swept_after_put_trees_is_refused_as_not_stored() {
         server.stop().await.unwrap();
     });
 }
+
+/// Garbage collection as the upload's progress callback: the first chunk the
+/// upload finds already stored makes it sweep every unreferenced chunk, the
+/// ones this upload is counting on included.
+struct GcOnFirstDedup {
+    meta: granary_client::MetaClient,
+    swept: std::sync::Mutex<Option<serde_json::Value>>,
+}
+
+impl granary_client::upload::UploadProgress for GcOnFirstDedup {
+    fn deduplicated(&self, _bytes: u64) {
+        let mut swept = self.swept.lock().unwrap();
+        if swept.is_none() {
+            let report = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(self.meta.gc(false, Some(0.0)))
+            });
+            *swept = Some(report.unwrap());
+        }
+    }
+}
+
+/// `upload_dir` itself recovers when GC sweeps, mid-upload, the chunks it
+/// found already stored: the first attempt is refused ("not stored"), the
+/// second sends them; without the retry the upload fails.
+#[test]
+fn an_upload_whose_found_chunks_are_swept_mid_upload_retries_and_commits() {
+    setup();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = Server::start(tmp.path(), None).await.unwrap();
+        let (client, meta) = (server.client.clone(), server.client.meta().clone());
+        let files = Gen::new(11).fresh();
+        let src = tmp.path().join("src");
+        write_tree(&src, &files);
+        let opts = upload_opts(String::new());
+        let v1 = client
+            .upload_dir(&src, "ds", &opts, Arc::new(NoProgress))
+            .await
+            .unwrap()
+            .version;
+        // v1 goes; its chunks stay stored (unreferenced) until a GC past the grace.
+        meta.delete_version("ds", v1.number).await.unwrap();
+        tokio::time::sleep(PAST_GRACE).await;
+        let progress = Arc::new(GcOnFirstDedup {
+            meta: meta.clone(),
+            swept: Default::default(),
+        });
+        let report = client
+            .upload_dir(&src, "ds", &opts, progress.clone())
+            .await
+            .expect("the upload retries after GC swept the chunks it found");
+        let gc = progress
+            .swept
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the upload found stored chunks");
+        assert!(gc["swept_chunks"].as_u64().unwrap() > 0, "{gc}");
+        assert!(
+            report.new_chunks > 0,
+            "the retry sent the swept chunks: {report:?}"
+        );
+        let dest = tmp.path().join("back");
+        client
+            .download("ds", Some(report.version.number), &dest)
+            .await
+            .unwrap();
+        assert_eq!(read_tree(&dest).unwrap(), files);
+        server.stop().await.unwrap();
+    });
+}

@@ -63,7 +63,18 @@ pub fn list(server: &ServerAddrArgs, output: &OutputArgs) -> anyhow::Result<()> 
 pub fn log(args: &DatasetArg) -> anyhow::Result<()> {
     let r = VersionRef::parse(&args.target)?;
     let client = MetaClient::connect(&args.server.servers)?;
-    let versions = runtime()?.block_on(client.list_versions(&r.dataset))?;
+    let mut versions = runtime()?.block_on(client.list_versions(&r.dataset))?;
+    // `log DATASET@N` shows that one version.
+    if let Some(n) = r.number {
+        versions.retain(|v| v.number == n);
+        if versions.is_empty() {
+            anyhow::bail!(
+                "version {}@{n} not found; `granary log {}` lists its versions",
+                r.dataset,
+                r.dataset
+            );
+        }
+    }
     if args.output.json {
         let v: Vec<_> = versions
             .iter()

@@ -76,14 +76,41 @@ fn mounted_fstype(path: &Path) -> Option<String> {
     })
 }
 
+/// Appended to errors about the cache directory (the default,
+/// /var/cache/granary, needs root).
+const CACHE_DIR_HINT: &str = "; pass --cache-dir DIR to use a directory you can write";
+
+/// `p` resolved for finding it in the mount table: canonical when it can be
+/// resolved, else its canonical parent joined with its name (a stale FUSE
+/// mount, whose process died, fails every `stat` with ENOTCONN).
+fn mount_table_path(p: &Path) -> PathBuf {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return c;
+    }
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|d| d.join(name))
+            .unwrap_or_else(|_| abs.clone()),
+        _ => abs,
+    }
+}
+
 fn canonical_mountpoint(p: &Path) -> anyhow::Result<PathBuf> {
-    let c = std::fs::canonicalize(p).with_context(|| {
-        format!(
+    let c = match std::fs::canonicalize(p).and_then(|c| std::fs::metadata(&c).map(|_| c)) {
+        Ok(c) => c,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+            "{} is a stale mount (its mount process is gone); run `granary umount {}` first",
+            p.display(),
+            p.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "mountpoint {} does not exist; create it with `mkdir -p {}`",
             p.display(),
             p.display()
-        )
-    })?;
+        ),
+        Err(e) => bail!("cannot use mountpoint {}: {e}", p.display()),
+    };
     if !c.is_dir() {
         bail!("mountpoint {} is not a directory", c.display());
     }
@@ -114,8 +141,12 @@ pub fn mount(args: &MountArgs) -> anyhow::Result<()> {
 /// Starts `granary mount --foreground` detached and waits for its verdict.
 fn spawn_background(args: &MountArgs, mountpoint: &Path) -> anyhow::Result<()> {
     let mounts = args.cache_dir.join("mounts");
-    std::fs::create_dir_all(&mounts)
-        .with_context(|| format!("cannot create the cache directory {}", mounts.display()))?;
+    std::fs::create_dir_all(&mounts).with_context(|| {
+        format!(
+            "cannot create the cache directory {}{CACHE_DIR_HINT}",
+            mounts.display()
+        )
+    })?;
     let log_path = mounts.join(format!("{}.log", mount_key(mountpoint)));
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -248,8 +279,12 @@ fn run_mounted(
         // The root listing, so a damaged version fails here rather than at the first `ls`.
         rt.block_on(reader.tree(reader.root()))
             .with_context(|| format!("cannot mount {name}: its root directory cannot be read"))?;
-        let disk = DiskCache::open(&args.cache_dir, disk_cap)
-            .with_context(|| format!("cannot use the cache directory {}", args.cache_dir.display()))?;
+        let disk = DiskCache::open(&args.cache_dir, disk_cap).with_context(|| {
+            format!(
+                "cannot use the cache directory {}{CACHE_DIR_HINT}",
+                args.cache_dir.display()
+            )
+        })?;
         // Prefetched chunks in flight are memory too: `--mem-cache` covers
         // them and the memory cache proper, so the mount stays within it.
         let defaults = FsConfig::default();
@@ -352,7 +387,7 @@ fn lazy_unmount(path: &Path) {
 }
 
 pub fn umount(args: &UmountArgs) -> anyhow::Result<()> {
-    let mp = std::fs::canonicalize(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone());
+    let mp = mount_table_path(&args.mountpoint);
     match mounted_fstype(&mp) {
         None => bail!("{} is not mounted", mp.display()),
         Some(t) if !t.starts_with("fuse") => bail!("{} is a {t} mount, not a Granary mount", mp.display()),
@@ -396,7 +431,7 @@ pub fn umount(args: &UmountArgs) -> anyhow::Result<()> {
 }
 
 pub fn cache_stats(args: &CacheStatsArgs) -> anyhow::Result<()> {
-    let mp = std::fs::canonicalize(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone());
+    let mp = mount_table_path(&args.mountpoint);
     let path = stats_path(&args.cache_dir, &mp);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -469,6 +504,12 @@ pub fn prefetch(args: &PrefetchArgs) -> anyhow::Result<()> {
         .build()?;
     let started = Instant::now();
     let (name, total, cached, stats) = rt.block_on(async {
+        let disk = DiskCache::open(&args.cache_dir, disk_cap).with_context(|| {
+            format!(
+                "cannot use the cache directory {}{CACHE_DIR_HINT}",
+                args.cache_dir.display()
+            )
+        })?;
         let reader = client.open_version(&r.dataset, r.number).await?;
         let name = format!("{}@{}", reader.version().dataset, reader.version().number);
         let mut chunks = Vec::new();
@@ -482,8 +523,6 @@ pub fn prefetch(args: &PrefetchArgs) -> anyhow::Result<()> {
         }
         let mut seen = HashSet::new();
         chunks.retain(|c| seen.insert(c.id));
-        let disk = DiskCache::open(&args.cache_dir, disk_cap)
-            .with_context(|| format!("cannot use the cache directory {}", args.cache_dir.display()))?;
         let cache = ChunkCache::new(0, Some(disk));
         let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
         let todo: Vec<ChunkRef> = chunks
@@ -537,6 +576,23 @@ pub fn prefetch(args: &PrefetchArgs) -> anyhow::Result<()> {
         }
         cache.close().await;
         bar.finish_and_clear();
+        // The cache writes what it can make room for (evicting the oldest
+        // segments, maybe this run's own): what did not stay is reported.
+        let kept: u64 = chunks
+            .iter()
+            .filter(|c| cache.is_cached(&c.id))
+            .map(|c| c.len as u64)
+            .sum();
+        if kept < total {
+            bail!(
+                "only {} of {name}'s {} fit in the disk cache {} (cap {}); raise --cache-size \
+                 (every mount on the host shares this cap) or prefetch fewer paths",
+                indicatif::HumanBytes(kept),
+                indicatif::HumanBytes(total),
+                args.cache_dir.display(),
+                indicatif::HumanBytes(disk_cap)
+            );
+        }
         Ok::<_, anyhow::Error>((name, total, cached, stats.snapshot()))
     })?;
     let secs = started.elapsed().as_secs_f64();
