@@ -277,7 +277,8 @@ fn rebase(files: &[PathBuf], from: &Path, to: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Big files in `big/dNN/`, small files in `small/dNN/`.
+/// Big files in `big/dNN/`, small files in `small/dNN/` (file i in `d{i % 40}`),
+/// each list in path order.
 fn generate(data: &Path, args: &BenchMountArgs) -> anyhow::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let make = |kind: &str, count: usize, kib: usize, seed: u64| -> anyhow::Result<Vec<PathBuf>> {
         let mut buf = vec![0u8; kib << 10];
@@ -292,8 +293,12 @@ fn generate(data: &Path, args: &BenchMountArgs) -> anyhow::Result<(Vec<PathBuf>,
         }
         Ok(out)
     };
-    let big = make("big", args.files, args.file_kib, 0)?;
-    let small = make("small", args.small_files, args.small_kib, 10_000_000)?;
+    let mut big = make("big", args.files, args.file_kib, 0)?;
+    let mut small = make("small", args.small_files, args.small_kib, 10_000_000)?;
+    // Read in path order, like `cp -r` or a loader walking a sorted file
+    // list (as `bench tier` does); every system reads the same order.
+    big.sort();
+    small.sort();
     Ok((big, small))
 }
 
