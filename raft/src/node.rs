@@ -89,6 +89,14 @@ pub enum RaftNodeError {
     Storage(String),
 }
 
+impl RaftNodeError {
+    /// "Node N is not a member" (also when the leader answered it for a
+    /// follower that forwarded the change).
+    pub fn is_not_member(&self) -> bool {
+        matches!(self, RaftNodeError::Membership(m) if m.contains("is not a member"))
+    }
+}
+
 /// One node's view of itself and the cluster.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {

@@ -32,7 +32,7 @@ mod snapshot;
 mod state_machine;
 mod syncer;
 
-pub use self::log::LogStore;
+pub use self::log::{LogStore, MAX_BATCH_BYTES};
 pub use self::state_machine::{Snapshot, SnapshotBuilder, StateMachineStore};
 
 use std::path::Path;

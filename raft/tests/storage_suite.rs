@@ -159,3 +159,29 @@ async fn a_snapshot_for_other_entries_is_refused_on_receipt() {
     let err = b.check_received(recv, &meta).await.unwrap_err();
     assert!(err.to_string().contains("the leader announced"), "{err}");
 }
+
+/// A follower catching up gets AppendEntries of bounded size: the log
+/// reader hands out at most `MAX_BATCH_BYTES` of entries (always one).
+#[tokio::test]
+async fn catch_up_batches_are_bounded_in_bytes() {
+    use granary_raft::store::MAX_BATCH_BYTES;
+    use openraft::storage::{RaftLogReader, RaftLogStorageExt};
+    let dir = TempDir::new().unwrap();
+    let (mut log, _sm) = store::open(dir.path(), Kv).await.unwrap();
+    let big = "x".repeat(MAX_BATCH_BYTES * 3 / 8); // two fit in one batch, not three
+    let entries: Vec<KvEntry> = (1..=10).map(|i| kv(i, "k", &big)).collect();
+    log.blocking_append(entries).await.unwrap();
+    let batch = log.limited_get_log_entries(1, 11).await.unwrap();
+    assert_eq!(batch.len(), 2, "3/8 + 3/8 of the limit fit, a third does not");
+    assert_eq!(batch[0].log_id.index, 1);
+    // The end bound holds, and one entry comes even when it alone is over.
+    assert_eq!(log.limited_get_log_entries(4, 5).await.unwrap().len(), 1);
+    let huge = "y".repeat(MAX_BATCH_BYTES + 1);
+    log.blocking_append(vec![kv(11, "k", &huge)]).await.unwrap();
+    let batch = log.limited_get_log_entries(11, 12).await.unwrap();
+    assert_eq!(batch.len(), 1);
+    // Small entries come all at once.
+    let small: Vec<KvEntry> = (12..=100).map(|i| kv(i, "k", "v")).collect();
+    log.blocking_append(small).await.unwrap();
+    assert_eq!(log.limited_get_log_entries(12, 101).await.unwrap().len(), 89);
+}

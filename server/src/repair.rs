@@ -64,7 +64,7 @@ pub async fn rereplicate(cluster: &Cluster) -> Result<u64, Status> {
     let want = cluster.replication(alive.len());
     let packs = cluster.reader().all::<PackRecord>(CF_PACKS).map_err(internal)?;
     let mut added = 0;
-    for (k, pack) in packs {
+    'packs: for (k, pack) in packs {
         let id = id_of(&k);
         if pack.replicas.is_empty() || cluster.reader().exists(CF_MOVES, &k).map_err(internal)? {
             continue; // object-tier packs, and packs the mover is handling
@@ -89,6 +89,10 @@ pub async fn rereplicate(cluster: &Cluster) -> Result<u64, Status> {
             );
             continue;
         }
+        // What meta lists now; each change is compare-and-set against it, so
+        // a move or another repair that changed the list meanwhile wins and
+        // this pack waits for the next pass.
+        let mut listed = pack.replicas.clone();
         let mut replicas = good.clone();
         let start = id as usize % alive.len();
         for (node, addr) in alive.iter().cycle().skip(start).take(alive.len()) {
@@ -110,12 +114,15 @@ pub async fn rereplicate(cluster: &Cluster) -> Result<u64, Status> {
                     added += 1;
                     // List the copy at once: the chunk server's sweep deletes
                     // pack files that meta does not list for it.
-                    cluster
-                        .propose(MetaCommand::SetReplicas {
-                            id,
-                            replicas: replicas.clone(),
-                        })
-                        .await?;
+                    let change = MetaCommand::ReplaceReplicas {
+                        id,
+                        expected: listed.clone(),
+                        replicas: replicas.clone(),
+                    };
+                    if !replace_replicas(cluster, id, change).await? {
+                        continue 'packs;
+                    }
+                    listed = replicas.clone();
                 }
                 Err(e) => tracing::warn!(pack = id, node, "could not re-replicate: {}", e.message()),
             }
@@ -123,11 +130,33 @@ pub async fn rereplicate(cluster: &Cluster) -> Result<u64, Status> {
         if replicas.is_empty() {
             continue;
         }
-        if replicas != pack.replicas {
-            cluster.propose(MetaCommand::SetReplicas { id, replicas }).await?;
+        if replicas != listed {
+            let change = MetaCommand::ReplaceReplicas {
+                id,
+                expected: listed,
+                replicas,
+            };
+            replace_replicas(cluster, id, change).await?;
         }
     }
     Ok(added)
+}
+
+/// Proposes a compare-and-set replica change; `false` when the list changed
+/// meanwhile (the pack is looked at again in the next pass).
+async fn replace_replicas(cluster: &Cluster, id: u64, change: MetaCommand) -> Result<bool, Status> {
+    match cluster.propose(change).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+            tracing::info!(
+                pack = id,
+                "replicas changed during repair, next pass: {}",
+                e.message()
+            );
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `granary admin scrub`: every chunk server's packs and every object copy.

@@ -126,11 +126,15 @@ impl PeerClient {
     {
         let addr = self.addr.clone();
         let data = bincode::serialize(req).map_err(network_error)?;
+        let transfer = std::time::Duration::from_secs_f64(data.len() as f64 / 25e6);
         let mut request = tonic::Request::new(Bytes { data });
         // The hard TTL, as under 0.9 (openraft does not enforce it itself):
-        // for AppendEntries it is the heartbeat interval, 150 ms, and a large
-        // batch on a loaded machine needs every bit of it.
-        request.set_timeout(option.hard_ttl());
+        // for AppendEntries it is the heartbeat interval, 150 ms, plus the
+        // time the payload takes at 25 MB/s (sent, written and synced by the
+        // follower), so a follower catching up on batches of multi-MiB
+        // entries (up to `MAX_BATCH_BYTES`) gets them in time; heartbeats
+        // keep the short deadline.
+        request.set_timeout(option.hard_ttl() + transfer);
         let reply = method(self.client()?, request)
             .await
             .map_err(|s| status_error(&addr, s))?;

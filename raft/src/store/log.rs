@@ -122,10 +122,37 @@ impl RaftLogReader<TypeConfig> for LogStore {
         Ok(entries)
     }
 
+    /// At most [`MAX_BATCH_BYTES`] of encoded entries (always at least one),
+    /// so a follower catching up gets AppendEntries it can receive in time
+    /// rather than one call with thousands of multi-MiB entries that times
+    /// out, and is resent, forever.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        let it = self.db.iterator_cf(
+            cf(&self.db, CF_LOG),
+            IteratorMode::From(&key(start), Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item.map_err(io::Error::other)?;
+            if index_of(&k)? >= end || (!entries.is_empty() && bytes + v.len() > MAX_BATCH_BYTES) {
+                break;
+            }
+            bytes += v.len();
+            entries.push(decode(&v)?);
+        }
+        Ok(entries)
+    }
+
     async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
         self.get_meta(KEY_VOTE)
     }
 }
+
+/// The most encoded log bytes one AppendEntries carries (beyond its first
+/// entry): about 0.1 s on a loaded gigabit link, well under the gRPC
+/// message limit.
+pub const MAX_BATCH_BYTES: usize = 8 << 20;
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;

@@ -117,7 +117,10 @@ impl ChunkService {
                 .await
                 .map_err(internal)?
             {
-                Ok(len) => return Ok((len, "local".into())),
+                // Reused: restart its grace period (it is unlisted until
+                // meta records it, and the sweep deletes old unlisted packs).
+                Ok(len) if store.keep(id).map_err(internal)? => return Ok((len, "local".into())),
+                Ok(_) => {} // swept meanwhile: copy it again
                 Err(e) => {
                     tracing::warn!(pack = id, "local copy is damaged: {e}");
                     store.quarantine(id).map_err(internal)?;
@@ -405,12 +408,21 @@ impl ChunkService {
         let register = session.register;
         let replica_ids = session.replica_ids.clone();
         tokio::spawn(async move {
+            // Whether the pack may be registered despite the error (the
+            // outcome of RegisterPack is unknown): then the copy stays, and
+            // the sweep of unregistered packs decides after its grace period.
+            let mut maybe_registered = false;
             let result = async {
                 if let Some(call) = downstream {
                     call.await.map_err(|e| Status::internal(e.to_string()))??;
                 }
                 if register {
-                    this.register(id, &sealed, replica_ids).await?;
+                    this.register(id, &sealed, replica_ids)
+                        .await
+                        .map_err(|(status, unknown)| {
+                            maybe_registered = unknown;
+                            status
+                        })?;
                 }
                 Ok(WritePackReply {
                     pack_id: id,
@@ -419,7 +431,7 @@ impl ChunkService {
                 })
             }
             .await;
-            if result.is_err() {
+            if result.is_err() && !maybe_registered {
                 // This copy will never be registered: drop it now rather than
                 // leave it to the sweep.
                 this.inner.store.remove_sealed(id);
@@ -432,8 +444,10 @@ impl ChunkService {
 
     /// Registers a sealed pack and its chunks in meta. An error that leaves
     /// the outcome unknown (the leader died mid-write) is resolved by asking
-    /// whether the pack is registered.
-    async fn register(&self, id: u64, sealed: &SealedPack, replicas: Vec<u64>) -> Result<(), Status> {
+    /// whether the pack is registered; if that cannot be answered either, the
+    /// error says so (`true`): the entry may still commit, so the copies
+    /// must stay.
+    async fn register(&self, id: u64, sealed: &SealedPack, replicas: Vec<u64>) -> Result<(), (Status, bool)> {
         let chunks = sealed
             .entries
             .iter()
@@ -459,14 +473,32 @@ impl ChunkService {
         };
         match self.inner.meta.register_pack(request).await {
             Ok(_) => Ok(()),
+            // Applied and refused: the pack is not registered.
+            Err(e) if is_refusal(&e) => Err((
+                Status::failed_precondition(format!("pack {id} was not registered: {e}")),
+                false,
+            )),
             Err(e) => match self.inner.meta.get_pack(id).await {
                 Ok(_) => Ok(()),
-                Err(_) => Err(Status::unavailable(format!(
-                    "pack {id} is stored but could not be registered: {e}"
-                ))),
+                Err(_) => Err((
+                    Status::unavailable(format!(
+                        "pack {id} is stored but could not be registered: {e}; retry the upload"
+                    )),
+                    true,
+                )),
             },
         }
     }
+}
+
+/// An error meta answers after applying (or refusing to apply) a command,
+/// as opposed to one that leaves its outcome unknown.
+fn is_refusal(e: &granary_client::ClientError) -> bool {
+    use tonic::Code;
+    matches!(
+        e.code(),
+        Some(Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::FailedPrecondition)
+    )
 }
 
 /// The error of a downstream replica's session (which has ended).
@@ -643,25 +675,29 @@ impl Chunk for ChunkService {
             )));
         }
         crate::fault::point("upload-before-put");
-        // Check every frame's CRC while the upload runs (both read the same
-        // file, mostly from the page cache): a damaged local copy must not
-        // become the object-tier copy. The pack was verified in full (BLAKE3)
-        // when it was written; the CRC finds damage since, at a fraction of
-        // the CPU a full check takes from the upload.
-        let verify = {
+        // Check every frame's CRC before the upload: a damaged local copy
+        // must not become (or overwrite) the object-tier copy. The pack was
+        // verified in full (BLAKE3) when it was written; the CRC finds damage
+        // since, at a fraction of the CPU a full check takes. The upload then
+        // reads the file from the page cache the check filled.
+        let verified = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || verify_pack_crc(&path, pack_id))
+                .await
+                .map_err(internal)?
         };
-        let (put, verified) = tokio::join!(self.inner.objects.put_file(&object_key, &path), verify);
-        let verified = verified.map_err(internal)?;
         if let Err(e) = verified {
-            let _ = self.inner.objects.delete(&object_key).await;
             return Err(Status::data_loss(format!(
                 "chunk server {} will not upload pack {pack_id}: its copy is damaged ({e}); run `granary admin scrub`",
                 self.inner.node_id
             )));
         }
-        let bytes = put.map_err(|e| Status::unavailable(e.to_string()))?;
+        let bytes = self
+            .inner
+            .objects
+            .put_file(&object_key, &path)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(UploadPackReply { bytes }))
     }
 
@@ -683,6 +719,23 @@ impl Chunk for ChunkService {
         req: Request<DeletePackRequest>,
     ) -> Result<Response<DeletePackReply>, Status> {
         let id = req.into_inner().pack_id;
+        // Whoever asks read meta earlier; a copy meta lists for this server
+        // (restored by a newer move or repair since) must stay.
+        let node = self.inner.node_id;
+        match self.inner.meta.get_pack(id).await {
+            Ok(p) if p.replicas.contains(&node) => {
+                return Err(Status::failed_precondition(format!(
+                    "pack {id} is listed as a replica on chunk server {node}; it is not deleted"
+                )))
+            }
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                return Err(Status::unavailable(format!(
+                    "cannot ask meta whether pack {id} may be deleted ({e}); the sweep of unlisted packs will delete it later"
+                )))
+            }
+        }
         let deleted = self.inner.store.delete(id);
         if deleted {
             tracing::info!(pack = id, "deleted the local copy of a pack");

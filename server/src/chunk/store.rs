@@ -12,6 +12,10 @@ use granary_core::PackError;
 #[derive(Debug, Clone)]
 pub struct PackStore {
     dir: PathBuf,
+    /// Held by the sweep of unlisted packs while it checks a file's age and
+    /// deletes it, and by [`PackStore::keep`], so a copy reused just now is
+    /// never swept as an old one.
+    sweep: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl PackStore {
@@ -34,6 +38,7 @@ impl PackStore {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
+            sweep: Default::default(),
         })
     }
 
@@ -156,6 +161,33 @@ impl PackStore {
         if std::fs::remove_file(self.sealed_path(id)).is_ok() {
             tracing::info!(pack = id, "removed a pack that was never registered");
         }
+    }
+
+    /// Marks sealed pack `id` as just written (its modification time), so the
+    /// sweep of unlisted packs gives it a full grace period: a copy reused by
+    /// a restore is unlisted until meta records it. False if it is gone.
+    pub fn keep(&self, id: u64) -> io::Result<bool> {
+        let _sweep = self.sweep.lock().expect("sweep lock");
+        match std::fs::File::open(self.sealed_path(id)) {
+            Ok(f) => f.set_modified(std::time::SystemTime::now()).map(|_| true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes sealed pack `id` if it is at least `grace` old (the sweep of
+    /// unlisted packs); true if it was deleted.
+    pub fn remove_if_older(&self, id: u64, grace: std::time::Duration) -> bool {
+        let _sweep = self.sweep.lock().expect("sweep lock");
+        let path = self.sealed_path(id);
+        let old = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() >= grace);
+        if old && std::fs::remove_file(&path).is_ok() {
+            tracing::info!(pack = id, "removed a pack that was never registered");
+            return true;
+        }
+        false
     }
 
     /// Every sealed pack on this server, with its modification time.
@@ -367,8 +399,7 @@ pub async fn sweep_unregistered(
     };
     let mut removed = Vec::new();
     for id in old {
-        if !registered.contains(&id) {
-            store.remove_sealed(id);
+        if !registered.contains(&id) && store.remove_if_older(id, grace) {
             removed.push(id);
         }
     }

@@ -220,6 +220,11 @@ impl Applier<'_, '_> {
                     // A retried registration (the first attempt's reply was lost) is a no-op.
                     return Ok(MetaReply::Unit);
                 }
+                if !pack.has_copy() {
+                    return Err(MetaError::InvalidArgument(format!(
+                        "pack {id} names no replica and no object copy; it is not registered"
+                    )));
+                }
                 let keys: Vec<&[u8]> = chunks.iter().map(|(k, _)| k.as_slice()).collect();
                 let present = self.r.exist_many(CF_CHUNKS, &keys).map_err(internal)?;
                 let mut seen = HashSet::new();
@@ -265,7 +270,16 @@ impl Applier<'_, '_> {
                 }
                 let mut queued = 0;
                 for id in packs {
-                    if self.r.pack(id).map_err(internal)?.is_some() {
+                    let same = self
+                        .r
+                        .get::<MoveRecord>(CF_MOVES, &id.to_be_bytes())
+                        .map_err(internal)?
+                        .is_some_and(|m| m.to == to);
+                    if same {
+                        // Already queued that way: keep the entry, so a move
+                        // in flight can still end it (`EndMove` checks it).
+                        queued += 1;
+                    } else if self.r.pack(id).map_err(internal)?.is_some() {
                         let record = MoveRecord {
                             to: to.clone(),
                             queued_ms: now_ms,
@@ -305,6 +319,70 @@ impl Applier<'_, '_> {
                 if !pack.has_copy() {
                     return Err(MetaError::FailedPrecondition(format!(
                         "pack {id} would have no copy left; the move is refused"
+                    )));
+                }
+                self.put(CF_PACKS, &id.to_be_bytes(), &pack);
+                Ok(MetaReply::Unit)
+            }
+            MetaCommand::EndMove {
+                id,
+                to,
+                queued_ms,
+                replicas,
+                drop_object,
+            } => {
+                check_tier(&to)?;
+                let queued = self
+                    .r
+                    .get::<MoveRecord>(CF_MOVES, &id.to_be_bytes())
+                    .map_err(internal)?;
+                let refused = match queued {
+                    Some(m) if m.to == to && m.queued_ms == queued_ms => None,
+                    Some(m) => Some(format!(
+                        "pack {id} was queued again (to {}) while it moved to {to}; the newer move goes on",
+                        m.to
+                    )),
+                    None => Some(format!(
+                        "the move of pack {id} to {to} is no longer queued (another task ended it)"
+                    )),
+                };
+                if let Some(why) = refused {
+                    return Err(MetaError::FailedPrecondition(why));
+                }
+                self.batch.delete_cf(self.r.cf(CF_MOVES), id.to_be_bytes());
+                let Some(mut pack) = self.r.pack(id).map_err(internal)? else {
+                    // Deleted by GC meanwhile: nothing left to move.
+                    return Ok(MetaReply::Unit);
+                };
+                pack.tier = to;
+                pack.replicas = replicas;
+                if drop_object {
+                    pack.object_key.clear();
+                }
+                if !pack.has_copy() {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "pack {id} would have no copy left; the move is refused"
+                    )));
+                }
+                self.put(CF_PACKS, &id.to_be_bytes(), &pack);
+                Ok(MetaReply::Unit)
+            }
+            MetaCommand::ReplaceReplicas {
+                id,
+                expected,
+                replicas,
+            } => {
+                let mut pack = self.existing_pack(id)?;
+                if pack.replicas != expected {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "the replicas of pack {id} changed meanwhile (now {:?}, expected {expected:?}); read them again",
+                        pack.replicas
+                    )));
+                }
+                pack.replicas = replicas;
+                if !pack.has_copy() {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "pack {id} would have no copy left; the change is refused"
                     )));
                 }
                 self.put(CF_PACKS, &id.to_be_bytes(), &pack);
@@ -801,6 +879,105 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(r.pack(pack).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_move_ends_only_as_queued_and_replica_changes_are_compare_and_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = granary_raft::store::open_db(dir.path(), COLUMN_FAMILIES).unwrap();
+        let r = Reader { db: &db };
+        let (_, _, pack) = store_file(&db, b"data", 7, 1);
+        let queue = |to: &str, now_ms| MetaCommand::QueueMoves {
+            packs: vec![pack],
+            to: to.into(),
+            pin: vec![],
+            unpin: vec![],
+            by: "manual".into(),
+            now_ms,
+        };
+        let queued = |r: &Reader| r.get::<MoveRecord>(CF_MOVES, &pack.to_be_bytes()).unwrap();
+        apply(&db, queue(TIER_OBJECT, 10)).unwrap();
+        // Queued again the same way: the entry (and its time) stays, so the
+        // move in flight can still end it.
+        apply(&db, queue(TIER_OBJECT, 20)).unwrap();
+        assert_eq!(queued(&r).unwrap().queued_ms, 10);
+        apply(
+            &db,
+            MetaCommand::PackUploaded {
+                id: pack,
+                object_key: "packs/7.pack".into(),
+            },
+        )
+        .unwrap();
+        let end = |to: &str, queued_ms| MetaCommand::EndMove {
+            id: pack,
+            to: to.into(),
+            queued_ms,
+            replicas: vec![],
+            drop_object: false,
+        };
+        // The user asks for the way back while the move to the object tier
+        // runs: the old move's end is refused and changes nothing.
+        apply(&db, queue(TIER_SSD, 30)).unwrap();
+        assert!(matches!(
+            apply(&db, end(TIER_OBJECT, 10)),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+        let p = r.pack(pack).unwrap().unwrap();
+        assert_eq!((p.tier.as_str(), p.replicas.clone()), (TIER_SSD, vec![1]));
+        assert_eq!(queued(&r).unwrap().to, TIER_SSD);
+        // The queued move ends; ending it a second time (a stale task) is refused.
+        let back = MetaCommand::EndMove {
+            id: pack,
+            to: TIER_SSD.into(),
+            queued_ms: 30,
+            replicas: vec![1, 2],
+            drop_object: true,
+        };
+        apply(&db, back.clone()).unwrap();
+        assert!(queued(&r).is_none());
+        let p = r.pack(pack).unwrap().unwrap();
+        assert_eq!((p.replicas.clone(), p.object_key.as_str()), (vec![1, 2], ""));
+        assert!(matches!(apply(&db, back), Err(MetaError::FailedPrecondition(_))));
+
+        // Replica lists change only from the list the writer read.
+        let replace = |expected: Vec<u64>, replicas: Vec<u64>| MetaCommand::ReplaceReplicas {
+            id: pack,
+            expected,
+            replicas,
+        };
+        assert!(matches!(
+            apply(&db, replace(vec![1], vec![1, 3])),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+        apply(&db, replace(vec![1, 2], vec![1, 2, 3])).unwrap();
+        assert_eq!(r.pack(pack).unwrap().unwrap().replicas, vec![1, 2, 3]);
+        assert!(matches!(
+            apply(&db, replace(vec![1, 2, 3], vec![])),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+
+        // A pack with no copy anywhere is not registered.
+        let nowhere = PackRecord {
+            tier: TIER_SSD.into(),
+            replicas: vec![],
+            bytes: 10,
+            chunks: 0,
+            object_key: String::new(),
+            registered_ms: 1,
+        };
+        assert!(matches!(
+            apply(
+                &db,
+                MetaCommand::RegisterPack {
+                    id: 99,
+                    pack: nowhere,
+                    chunks: vec![]
+                }
+            ),
+            Err(MetaError::InvalidArgument(_))
+        ));
+        assert!(r.pack(99).unwrap().is_none());
     }
 
     #[test]

@@ -75,15 +75,18 @@ pub enum MetaCommand {
         id: u64,
         object_key: String,
     },
-    /// Ends a move: the pack's home tier becomes `to` with these SSD replicas;
-    /// `drop_object` forgets the object copy. Removes the queued move.
+    /// Ends a move without checking which move is queued. Written by builds
+    /// before 2026-12-04 and still applied from their log entries; the mover
+    /// now proposes [`MetaCommand::EndMove`].
     FinishMove {
         id: u64,
         to: String,
         replicas: Vec<u64>,
         drop_object: bool,
     },
-    /// Replaces a pack's SSD replica set (repair, re-replication).
+    /// Replaces a pack's SSD replica set unconditionally. Written by builds
+    /// before 2026-12-04; repair and the mover now propose
+    /// [`MetaCommand::ReplaceReplicas`].
     SetReplicas {
         id: u64,
         replicas: Vec<u64>,
@@ -117,6 +120,27 @@ pub enum MetaCommand {
         new_id: u64,
         pack: PackRecord,
         chunks: Vec<(ChunkKey, ChunkRecord)>,
+    },
+    /// Ends the queued move `(to, queued_ms)` of pack `id`: the pack's home
+    /// tier becomes `to` with these SSD replicas, `drop_object` forgets the
+    /// object copy, and the queue entry goes. Refused (nothing changes) when
+    /// the queue holds a different move for the pack (re-queued meanwhile)
+    /// or none (another mover task finished it): a mover that lost the race
+    /// must not act on what it read before.
+    EndMove {
+        id: u64,
+        to: String,
+        queued_ms: u64,
+        replicas: Vec<u64>,
+        drop_object: bool,
+    },
+    /// Replaces a pack's SSD replica set if it still is `expected` (repair,
+    /// the mover); refused when another change came first, so a list read
+    /// before a slow copy never overwrites a newer one.
+    ReplaceReplicas {
+        id: u64,
+        expected: Vec<u64>,
+        replicas: Vec<u64>,
     },
 }
 

@@ -449,7 +449,18 @@ impl Meta for MetaService {
 
     async fn remove_node(&self, req: Request<NodeRef>) -> Result<Response<Empty>, Status> {
         let id = req.into_inner().id;
-        self.cluster.node().remove_node(id).await.map_err(raft_status)?;
+        let recorded = self
+            .cluster
+            .reader()
+            .exists(CF_NODES, &id.to_be_bytes())
+            .map_err(internal)?;
+        match self.cluster.node().remove_node(id).await {
+            Ok(()) => {}
+            // Out of Raft already: an earlier call failed after that step
+            // (no quorum for the record), so a retry finishes the job.
+            Err(e) if recorded && e.is_not_member() => {}
+            Err(e) => return Err(raft_status(e)),
+        }
         // Its packs are re-replicated by the repair loop.
         self.propose(MetaCommand::RemoveNodeRecord { id }).await?;
         Ok(Response::new(Empty {}))

@@ -7,17 +7,25 @@
 //!    which checks the stored object's size; [`move-after-upload`]
 //! 2. Raft records the object copy (`PackUploaded`); [`move-after-record`]
 //! 3. Raft records the object tier as home, no SSD replicas, and drops the
-//!    queue entry (`FinishMove`); [`move-after-finish`]
+//!    queue entry (`EndMove`); [`move-after-finish`]
 //! 4. the replicas' files are deleted (a crash here leaves files that the
 //!    chunk servers' sweep of unregistered packs removes).
 //!
 //! A move back to SSD: chunk servers restore verified copies from the object
-//! (`RestorePack`), Raft records them as replicas and forgets the object
-//! copy (`FinishMove`), then the object is deleted.
+//! (`RestorePack`) until the pack has the replication factor's number of
+//! them on live chunk servers, Raft records them as replicas and forgets
+//! the object copy (`EndMove`), then the object is deleted.
 //!
 //! Readers are never without a copy: until step 3 the SSD replicas are
 //! listed; from step 2 on the object copy is too, and clients that find a
 //! replica gone ask meta again and read through any chunk server.
+//!
+//! Stale movers change nothing: `EndMove` names the queued move it ends
+//! (direction and queue time) and is refused if the pack was queued again or
+//! another task ended it (a mover still running on a node that lost the
+//! leadership, say), and the deletions come only after it was accepted;
+//! replica lists are written compare-and-set (`ReplaceReplicas`). A chunk
+//! server refuses to delete a copy that meta lists for it.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -76,7 +84,7 @@ pub async fn run(cluster: Cluster) {
             let cluster = cluster.clone();
             let backoff = backoff.clone();
             tasks.spawn(async move {
-                match move_pack(&cluster, id, &m.to).await {
+                match move_pack(&cluster, id, &m).await {
                     Ok(()) => {
                         backoff.lock().expect("backoff lock").remove(&id);
                     }
@@ -101,34 +109,59 @@ pub async fn run(cluster: Cluster) {
 }
 
 /// Carries one queued move as far as it goes.
-pub async fn move_pack(cluster: &Cluster, id: u64, to: &str) -> Result<(), tonic::Status> {
+pub async fn move_pack(cluster: &Cluster, id: u64, m: &MoveRecord) -> Result<(), tonic::Status> {
     let Some(pack) = cluster.reader().pack(id).map_err(internal)? else {
         // Deleted by GC: just drop the queue entry.
-        return finish(cluster, id, to, Vec::new(), false).await;
+        return finish(cluster, id, m, Vec::new(), false).await;
     };
-    if to == TIER_OBJECT {
-        to_object(cluster, id, pack).await
+    if m.to == TIER_OBJECT {
+        to_object(cluster, id, m, pack).await
     } else {
-        to_ssd(cluster, id, pack).await
+        to_ssd(cluster, id, m, pack).await
     }
 }
 
+/// Ends the queued move `m` (refused if it is no longer the queued one).
 async fn finish(
     cluster: &Cluster,
     id: u64,
-    to: &str,
+    m: &MoveRecord,
     replicas: Vec<u64>,
     drop_object: bool,
 ) -> Result<(), tonic::Status> {
     cluster
-        .propose(MetaCommand::FinishMove {
+        .propose(MetaCommand::EndMove {
             id,
-            to: to.to_string(),
+            to: m.to.clone(),
+            queued_ms: m.queued_ms,
             replicas,
             drop_object,
         })
         .await
         .map(|_| ())
+}
+
+/// Lists `node` as a replica of pack `id` next to `listed` (compare-and-set).
+async fn add_replica(
+    cluster: &Cluster,
+    id: u64,
+    listed: &mut Vec<u64>,
+    node: u64,
+) -> Result<(), tonic::Status> {
+    if listed.contains(&node) {
+        return Ok(());
+    }
+    let mut replicas = listed.clone();
+    replicas.push(node);
+    cluster
+        .propose(MetaCommand::ReplaceReplicas {
+            id,
+            expected: listed.clone(),
+            replicas: replicas.clone(),
+        })
+        .await?;
+    *listed = replicas;
+    Ok(())
 }
 
 /// Replica addresses of `pack`, live chunk servers first.
@@ -146,9 +179,28 @@ fn replica_addrs(cluster: &Cluster, pack: &PackRecord) -> Vec<(u64, String)> {
     out
 }
 
-async fn to_object(cluster: &Cluster, id: u64, pack: PackRecord) -> Result<(), tonic::Status> {
+async fn to_object(
+    cluster: &Cluster,
+    id: u64,
+    m: &MoveRecord,
+    pack: PackRecord,
+) -> Result<(), tonic::Status> {
     let replicas = replica_addrs(cluster, &pack);
-    if pack.object_key.is_empty() {
+    if !pack.object_key.is_empty() {
+        // Recorded by an earlier attempt: the SSD copies go only if the
+        // object is still there, whole.
+        let size = cluster
+            .objects()
+            .size(&pack.object_key)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        if size != Some(pack.bytes) {
+            return Err(tonic::Status::data_loss(format!(
+                "pack {id}: its recorded object {} holds {size:?} bytes, the pack has {}; run `granary admin scrub`",
+                pack.object_key, pack.bytes
+            )));
+        }
+    } else {
         let key = cluster.objects().pack_key(id);
         let mut last = None;
         let mut uploaded = false;
@@ -184,7 +236,7 @@ async fn to_object(cluster: &Cluster, id: u64, pack: PackRecord) -> Result<(), t
             .await?;
     }
     fault::point("move-after-record");
-    finish(cluster, id, TIER_OBJECT, Vec::new(), false).await?;
+    finish(cluster, id, m, Vec::new(), false).await?;
     fault::point("move-after-finish");
     for (node, addr) in replicas {
         match cluster
@@ -204,19 +256,13 @@ async fn to_object(cluster: &Cluster, id: u64, pack: PackRecord) -> Result<(), t
     Ok(())
 }
 
-async fn to_ssd(cluster: &Cluster, id: u64, pack: PackRecord) -> Result<(), tonic::Status> {
+async fn to_ssd(cluster: &Cluster, id: u64, m: &MoveRecord, pack: PackRecord) -> Result<(), tonic::Status> {
+    debug_assert_eq!(m.to, TIER_SSD);
     if pack.object_key.is_empty() {
         // Already only on SSD (a move back that finished, or never moved).
-        return finish(cluster, id, TIER_SSD, pack.replicas, false).await;
+        return finish(cluster, id, m, pack.replicas, false).await;
     }
-    let mut targets: Vec<(u64, String)> = replica_addrs(cluster, &pack);
-    if targets.is_empty() {
-        targets = cluster
-            .pick_replicas(id)?
-            .into_iter()
-            .map(|n| (n.id, n.addr))
-            .collect();
-    }
+    let targets = ssd_targets(cluster, id, &pack)?;
     let mut listed = pack.replicas.clone();
     for (node, addr) in &targets {
         let req = RestorePackRequest {
@@ -232,27 +278,42 @@ async fn to_ssd(cluster: &Cluster, id: u64, pack: PackRecord) -> Result<(), toni
         })?;
         // List each copy at once: the chunk server's sweep deletes pack
         // files that meta does not list for it.
-        if !listed.contains(node) {
-            listed.push(*node);
-            cluster
-                .propose(MetaCommand::SetReplicas {
-                    id,
-                    replicas: listed.clone(),
-                })
-                .await?;
-        }
+        add_replica(cluster, id, &mut listed, *node).await?;
     }
     let key = pack.object_key.clone();
-    finish(
-        cluster,
-        id,
-        TIER_SSD,
-        targets.iter().map(|(n, _)| *n).collect(),
-        true,
-    )
-    .await?;
+    finish(cluster, id, m, targets.iter().map(|(n, _)| *n).collect(), true).await?;
     if let Err(e) = cluster.objects().delete(&key).await {
         tracing::warn!(pack = id, "could not delete the object copy: {e}");
     }
     Ok(())
+}
+
+/// Where a pack moving back to SSD gets its copies: the listed replicas on
+/// live chunk servers, then other live chunk servers, up to the replication
+/// factor. A listed replica on a silent server is left out (repair gives the
+/// pack its copies back later if the server returns); the object copy is
+/// dropped only once all of these hold a verified copy.
+fn ssd_targets(cluster: &Cluster, id: u64, pack: &PackRecord) -> Result<Vec<(u64, String)>, tonic::Status> {
+    let live: Vec<(u64, String)> = cluster
+        .live_chunk_nodes(CHUNK_SERVER_TIMEOUT_MS)?
+        .into_iter()
+        .map(|(id, n)| (id, n.addr))
+        .collect();
+    let mut targets: Vec<(u64, String)> = pack
+        .replicas
+        .iter()
+        .filter_map(|r| live.iter().find(|(n, _)| n == r).cloned())
+        .collect();
+    let want = cluster.replication(live.len());
+    if targets.len() < want {
+        for n in cluster.pick_replicas(id)? {
+            if targets.len() >= want {
+                break;
+            }
+            if !targets.iter().any(|(t, _)| *t == n.id) {
+                targets.push((n.id, n.addr));
+            }
+        }
+    }
+    Ok(targets)
 }
