@@ -13,7 +13,8 @@
 //!    stays hot stay on SSD; 3. kill -9 of the mover (and of the chunk server's
 //!    upload) at every crash point, then a restart finishes the move while a
 //!    download runs; 4. a cold-after policy moves a version to the object tier
-//!    and, once it is read again, back; 5. bad input fails with one clear line.
+//!    and, once it is read again, back; 5. bad input fails with one clear line;
+//! 6. a cluster whose nodes do not name one object store refuses to tier.
 
 #[macro_use]
 mod common;
@@ -773,3 +774,101 @@ object_store_tests!(
     s3_bad_input_is_refused,
     "tiering-bad-input"
 );
+
+// ---------------------------------------------------------------------------
+// 6. Nodes that do not share one object store do not tier
+// ---------------------------------------------------------------------------
+
+/// `granary admin tier move DATASET --to object --server ADDR` (text output).
+fn tier_move_object(addr: &str, target: &str) -> Output {
+    granary(&[
+        "admin", "tier", "move", target, "--to", "object", "--server", addr,
+    ])
+}
+
+/// Nothing of `ds` is pinned, queued or in the object tier.
+#[track_caller]
+fn nothing_tiered(addr: &str) {
+    let st = tier_status(addr).unwrap();
+    assert_eq!(queue_len(&st), 0, "{st}");
+    assert_eq!(
+        ds_of(&st, "ds")["pinned_to_object"],
+        serde_json::json!([]),
+        "{st}"
+    );
+    assert_eq!(n(ds_of(&st, "ds"), "object_bytes"), 0, "{st}");
+}
+
+/// A two-node cluster: with each node's default object directory, and then
+/// with two different stores, `tier move --to object` fails with one line
+/// that names the node, its store and the fix, and nothing is pinned, queued
+/// or moved (a pack there would be unreadable from the other node). Once
+/// both nodes name the same store, the move goes through and the other node
+/// serves the version from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_without_one_shared_object_store_do_not_tier() {
+    let work = workdir();
+    let work = work.path();
+    let mut c = Cluster::start(2).await;
+    let (a1, a2) = (c.addr(1), c.addr(2));
+    let (src, want) = source_tree(work, 6);
+    upload(&a1, &src, "ds", work);
+
+    // Each node's own `file://DATA_DIR/objects`.
+    let line = fails(
+        "tier move with default object stores",
+        &tier_move_object(&a1, "ds"),
+        1,
+        &["own data directory", "--object-store", "objects"],
+    );
+    assert!(line.contains("node 1") || line.contains("node 2"), "{line}");
+    nothing_tiered(&a1);
+
+    // Two different stores.
+    let (one, two) = (objects_dir(), objects_dir());
+    let (url1, url2) = (file_url(&one), file_url(&two));
+    for (id, url) in [(1, &url1), (2, &url2)] {
+        c.kill(id);
+        c.set_env(id, "GRANARY_OBJECT_STORE", Some(url));
+        c.restart(id);
+    }
+    c.wait_leader(&[1, 2], 20 * SEC).await;
+    let line = wait_for("both nodes to answer about their stores", 20 * SEC, || async {
+        let o = tier_move_object(&a2, "ds");
+        let err = text(&o.stderr);
+        if err.contains("different object stores") {
+            Ok(err)
+        } else {
+            Err(format!("exit {:?}: {err}", o.status.code()))
+        }
+    })
+    .await;
+    assert!(line.contains(&url1) && line.contains(&url2), "{line}");
+    nothing_tiered(&a1);
+    assert!(object_packs(&url1).await.is_empty() && object_packs(&url2).await.is_empty());
+
+    // One shared store: the move goes through; node 2 serves the version.
+    c.kill(2);
+    c.set_env(2, "GRANARY_OBJECT_STORE", Some(&url1));
+    c.restart(2);
+    c.wait_leader(&[1, 2], 20 * SEC).await;
+    let mv = wait_for("the move on one shared store", 20 * SEC, || async {
+        let o = granary(&[
+            "admin", "tier", "move", "ds", "--to", "object", "--server", &a1, "--json",
+        ]);
+        if o.status.success() {
+            serde_json::from_slice::<Value>(&o.stdout).map_err(|e| e.to_string())
+        } else {
+            Err(text(&o.stderr))
+        }
+    })
+    .await;
+    assert_eq!(mv["done"], true, "{mv}");
+    let st = tier_status(&a2).unwrap();
+    assert_eq!(n(ds_of(&st, "ds"), "ssd_bytes"), 0, "{st}");
+    assert!(!object_packs(&url1).await.is_empty());
+    for id in [1, 2] {
+        wait_no_ssd_packs(&c.node(id).dir.clone(), 10 * SEC).await;
+    }
+    download_same(&a2, "ds@1", &work.join("dl-node-2"), &want);
+}

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use granary_client::chunk_proto::chunk_client::ChunkClient;
+use granary_client::chunk_proto::ObjectStoreRequest;
 use granary_client::proto::NodeInfo;
 use granary_raft::{RaftNode, RaftNodeError};
 use tonic::transport::Channel;
@@ -158,6 +159,71 @@ impl Cluster {
             .ok()
             .flatten()
             .map(|n| n.addr)
+    }
+
+    /// Whether every node that touches the object tier names the same object
+    /// store, so a pack moved there can be read, scrubbed and restored by any
+    /// of them. With more than one node, refused (with the fix) when a node
+    /// uses its default `file://DATA_DIR/objects`, which only it sees, or
+    /// when two nodes name different stores. Chunk servers that do not
+    /// answer are not counted (they are asked again at the next move).
+    pub async fn check_shared_object_tier(&self) -> Result<(), Status> {
+        let me = self.inner.node.id();
+        let mut seen: Vec<(u64, String, bool)> = vec![(
+            me,
+            self.objects().url().to_string(),
+            self.objects().is_node_default(),
+        )];
+        let others: Vec<(u64, String)> = self
+            .live_chunk_nodes(CHUNK_SERVER_TIMEOUT_MS)?
+            .into_iter()
+            .filter(|(id, _)| *id != me)
+            .map(|(id, n)| (id, n.addr))
+            .collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let asks = others.into_iter().map(|(id, addr)| async move {
+            let mut c = self.chunk(&addr).ok()?;
+            let mut req = tonic::Request::new(ObjectStoreRequest {});
+            req.set_timeout(std::time::Duration::from_secs(5));
+            match c.object_store(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    Some((id, r.url, r.node_default))
+                }
+                Err(e) => {
+                    tracing::info!(node = id, "cannot ask for its object store: {}", e.message());
+                    None
+                }
+            }
+        });
+        seen.extend(futures::future::join_all(asks).await.into_iter().flatten());
+        if seen.len() < 2 {
+            return Ok(());
+        }
+        const FIX: &str =
+            "start every server with the same --object-store (s3://bucket/prefix, or file:// on a \
+                           filesystem every node mounts) to use the object tier";
+        if let Some((id, url, _)) = seen.iter().find(|(_, _, default)| *default) {
+            let others: Vec<String> = seen
+                .iter()
+                .filter(|(other, _, _)| other != id)
+                .map(|(other, _, _)| other.to_string())
+                .collect();
+            return Err(Status::failed_precondition(format!(
+                "node {id} keeps the object tier in its own data directory ({url}: no --object-store was given), \
+                 which node(s) {} cannot read; {FIX}",
+                others.join(", ")
+            )));
+        }
+        let (first, url) = (seen[0].0, &seen[0].1);
+        if let Some((id, other, _)) = seen.iter().find(|(_, u, _)| u != url) {
+            return Err(Status::failed_precondition(format!(
+                "nodes name different object stores (node {first}: {url}, node {id}: {other}); {FIX}"
+            )));
+        }
+        Ok(())
     }
 
     /// How many replicas a pack should have now.

@@ -95,6 +95,9 @@ pub struct PackObject {
 pub struct ObjectTier {
     store: Arc<dyn ObjectStore>,
     url: String,
+    /// The node's default `file://DATA_DIR/objects` (no URL was given):
+    /// no other node sees it.
+    node_default: bool,
     /// Key prefix without leading or trailing slashes; `None` for the root.
     prefix: Option<String>,
 }
@@ -147,6 +150,7 @@ impl ObjectTier {
                 store: Arc::new(store),
                 url: url.to_string(),
                 prefix,
+                node_default: false,
             })
         } else if let Some(dir) = url.strip_prefix("file://") {
             if !dir.starts_with('/') {
@@ -160,6 +164,7 @@ impl ObjectTier {
                 store: Arc::new(store),
                 url: url.to_string(),
                 prefix: None,
+                node_default: false,
             })
         } else {
             Err(bad(&format!("expected {URL_FORMS}")))
@@ -169,6 +174,17 @@ impl ObjectTier {
     /// The URL the tier was opened with.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Marks this tier as the node's default directory (no URL was given).
+    pub fn node_default(mut self) -> Self {
+        self.node_default = true;
+        self
+    }
+
+    /// Whether this is the node's default directory, seen by no other node.
+    pub fn is_node_default(&self) -> bool {
+        self.node_default
     }
 
     /// Object key of pack `id`: `<prefix>/packs/<id as 16 hex digits>.pack`

@@ -198,7 +198,10 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
             format!("file://{}", dir.display())
         }
     };
-    let objects = ObjectTier::from_url(&object_url)?;
+    let objects = match cfg.object_store {
+        Some(_) => ObjectTier::from_url(&object_url)?,
+        None => ObjectTier::from_url(&object_url)?.node_default(),
+    };
     let _lock = claim_data_dir(&cfg.data_dir, cfg.node_id)?;
     // Scratch space of a previous run (compaction, scrub) is garbage.
     let _ = std::fs::remove_dir_all(cfg.data_dir.join("tmp"));

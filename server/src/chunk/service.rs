@@ -659,6 +659,16 @@ impl Chunk for ChunkService {
         }))
     }
 
+    async fn object_store(
+        &self,
+        _: Request<ObjectStoreRequest>,
+    ) -> Result<Response<ObjectStoreReply>, Status> {
+        Ok(Response::new(ObjectStoreReply {
+            url: self.inner.objects.url().to_string(),
+            node_default: self.inner.objects.is_node_default(),
+        }))
+    }
+
     async fn upload_pack(
         &self,
         req: Request<UploadPackRequest>,

@@ -185,6 +185,9 @@ async fn to_object(
     m: &MoveRecord,
     pack: PackRecord,
 ) -> Result<(), tonic::Status> {
+    // Queued while the cluster was one node, say: it waits until every node
+    // names the same store (the SSD copies stay meanwhile).
+    cluster.check_shared_object_tier().await?;
     let replicas = replica_addrs(cluster, &pack);
     if !pack.object_key.is_empty() {
         // Recorded by an earlier attempt: the SSD copies go only if the

@@ -56,6 +56,10 @@ pub async fn tier_move_by(
     if let (Some(n), true) = (number, selected.is_empty()) {
         return Err(version_not_found(dataset, n).into());
     }
+    if to == TIER_OBJECT {
+        // Nothing is pinned or queued where other nodes could not read it.
+        cluster.check_shared_object_tier().await?;
+    }
     let root_of = |id: &(String, u64)| -> TreeId {
         let v = versions
             .iter()
