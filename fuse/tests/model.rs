@@ -989,9 +989,23 @@ fn two_processes_sharing_a_disk_cache_stay_within_its_cap_together() {
         .get(&id, &stats)
         .is_none());
     assert_eq!(stats.corrupt.load(Ordering::Relaxed), before + 1);
-    // Every other record reads back, from either process.
-    for (id, ..) in a.records().into_iter().skip(1) {
-        assert!(b.get(&id, &stats).is_some());
-    }
+    // Every other record reads back through the other process.
+    // One batch: a read of a record in an old segment renews it (writes it
+    // again) after the batch, and making room for that may evict segments
+    // that hold records not read yet.
+    let ids: Vec<_> = a.records().into_iter().skip(1).map(|r| r.0).collect();
+    let got = b.get_many(&ids, &stats);
+    let missing: Vec<_> = ids
+        .iter()
+        .zip(&got)
+        .filter(|(_, g)| g.is_none())
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} records did not read back: {missing:?}",
+        missing.len(),
+        ids.len()
+    );
     assert_eq!(stats.corrupt.load(Ordering::Relaxed), before + 1);
 }
