@@ -64,6 +64,25 @@ struct Inner {
     /// Scratch space for whole packs (compaction, object-tier scrub).
     tmp_dir: std::path::PathBuf,
     peers: ChunkPeers,
+    /// Packs a mover task of this node is working on now.
+    moving: std::sync::Mutex<std::collections::HashSet<u64>>,
+}
+
+/// Marks a pack as being moved by this node until dropped ([`Cluster::moving`]).
+pub struct MovingGuard {
+    cluster: Cluster,
+    id: u64,
+}
+
+impl Drop for MovingGuard {
+    fn drop(&mut self) {
+        self.cluster
+            .inner
+            .moving
+            .lock()
+            .expect("moving lock")
+            .remove(&self.id);
+    }
 }
 
 impl Cluster {
@@ -81,6 +100,7 @@ impl Cluster {
                 replicas,
                 tmp_dir,
                 peers,
+                moving: Default::default(),
             }),
         }
     }
@@ -91,6 +111,21 @@ impl Cluster {
 
     pub fn objects(&self) -> &ObjectTier {
         &self.inner.objects
+    }
+
+    /// Marks pack `id` as being moved by a mover task of this node until the
+    /// guard is dropped; re-replication leaves such packs alone.
+    pub fn moving(&self, id: u64) -> MovingGuard {
+        self.inner.moving.lock().expect("moving lock").insert(id);
+        MovingGuard {
+            cluster: self.clone(),
+            id,
+        }
+    }
+
+    /// Whether a mover task of this node is working on pack `id` now.
+    pub fn is_moving(&self, id: u64) -> bool {
+        self.inner.moving.lock().expect("moving lock").contains(&id)
     }
 
     /// A new scratch directory (deleted when dropped) on the data disk.
@@ -165,8 +200,8 @@ impl Cluster {
     /// store, so a pack moved there can be read, scrubbed and restored by any
     /// of them. With more than one node, refused (with the fix) when a node
     /// uses its default `file://DATA_DIR/objects`, which only it sees, or
-    /// when two nodes name different stores. Chunk servers that do not
-    /// answer are not counted (they are asked again at the next move).
+    /// when two nodes name different stores, or while a live chunk server
+    /// cannot be asked (it may be the one that differs).
     pub async fn check_shared_object_tier(&self) -> Result<(), Status> {
         let me = self.inner.node.id();
         let mut seen: Vec<(u64, String, bool)> = vec![(
@@ -183,24 +218,25 @@ impl Cluster {
         if others.is_empty() {
             return Ok(());
         }
+        // A chunk server that cannot say which store it uses refuses the
+        // move too: it may be the one that names another.
         let asks = others.into_iter().map(|(id, addr)| async move {
-            let mut c = self.chunk(&addr).ok()?;
-            let mut req = tonic::Request::new(ObjectStoreRequest {});
-            req.set_timeout(std::time::Duration::from_secs(5));
-            match c.object_store(req).await {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    Some((id, r.url, r.node_default))
-                }
-                Err(e) => {
-                    tracing::info!(node = id, "cannot ask for its object store: {}", e.message());
-                    None
-                }
-            }
+            let ask = async {
+                let mut c = self.chunk(&addr)?;
+                let mut req = tonic::Request::new(ObjectStoreRequest {});
+                req.set_timeout(std::time::Duration::from_secs(5));
+                c.object_store(req).await.map(|r| r.into_inner())
+            };
+            ask.await.map(|r| (id, r.url, r.node_default)).map_err(|e| {
+                Status::unavailable(format!(
+                    "chunk server {id} ({addr}) did not say which object store it uses ({}); \
+                     nothing moves to the object tier until every live chunk server answers",
+                    e.message()
+                ))
+            })
         });
-        seen.extend(futures::future::join_all(asks).await.into_iter().flatten());
-        if seen.len() < 2 {
-            return Ok(());
+        for answer in futures::future::join_all(asks).await {
+            seen.push(answer?);
         }
         const FIX: &str =
             "start every server with the same --object-store (s3://bucket/prefix, or file:// on a \
@@ -217,8 +253,10 @@ impl Cluster {
                 others.join(", ")
             )));
         }
+        // `s3://b/p` and `s3://b/p/` name the same store.
+        let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
         let (first, url) = (seen[0].0, &seen[0].1);
-        if let Some((id, other, _)) = seen.iter().find(|(_, u, _)| u != url) {
+        if let Some((id, other, _)) = seen.iter().find(|(_, u, _)| !same(u, url)) {
             return Err(Status::failed_precondition(format!(
                 "nodes name different object stores (node {first}: {url}, node {id}: {other}); {FIX}"
             )));

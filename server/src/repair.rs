@@ -22,7 +22,7 @@ use tonic::Status;
 use crate::chunk::store::verify_pack;
 use crate::cluster::{id_of, internal, now_ms, Cluster, CHUNK_SERVER_TIMEOUT_MS};
 use crate::meta::command::MetaCommand;
-use crate::meta::state::{PackRecord, CF_MOVES, CF_PACKS};
+use crate::meta::state::{PackRecord, CF_PACKS};
 use crate::settings::env_secs;
 
 /// How long a chunk server may be silent before its replicas are replaced.
@@ -66,8 +66,14 @@ pub async fn rereplicate(cluster: &Cluster) -> Result<u64, Status> {
     let mut added = 0;
     'packs: for (k, pack) in packs {
         let id = id_of(&k);
-        if pack.replicas.is_empty() || cluster.reader().exists(CF_MOVES, &k).map_err(internal)? {
-            continue; // object-tier packs, and packs the mover is handling
+        // Object-tier packs, and packs a mover task is working on now. A
+        // move that waits in the queue (backing off after failures, or
+        // refused until the nodes share one object store) does not keep a
+        // pack from its replicas: repair lists copies compare-and-set, and a
+        // move's end lists only copies it verified (a copy it leaves out is
+        // unlisted and swept), so neither leaves the pack without a copy.
+        if pack.replicas.is_empty() || cluster.is_moving(id) {
+            continue;
         }
         let good: Vec<u64> = pack
             .replicas

@@ -97,6 +97,8 @@ impl Node {
             // Sealed packs whose session failed are swept after 2 s, not 10 minutes.
             .env("GRANARY_PACK_GRACE_SECS", "2")
             .env_remove("GRANARY_SERVER")
+            // The object store comes from the test's flags or environment only.
+            .env_remove("GRANARY_OBJECT_STORE")
             .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))

@@ -45,6 +45,9 @@ struct Inner {
     peers: ChunkPeers,
     /// Packs read since the last report, and when (ms).
     reads: Mutex<HashMap<u64, u64>>,
+    /// Held by DeletePack from its question to meta to the unlink, and by a
+    /// restore while it checks and reuses a local copy.
+    copies: tokio::sync::Mutex<()>,
 }
 
 fn now_ms() -> u64 {
@@ -90,6 +93,7 @@ impl ChunkService {
                 meta,
                 peers,
                 reads: Mutex::new(HashMap::new()),
+                copies: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -112,6 +116,8 @@ impl ChunkService {
     ) -> Result<(u64, String), Status> {
         let store = self.inner.store.clone();
         let local = store.sealed_path(id);
+        // No DeletePack between the check of the local copy and its reuse.
+        let _copies = self.inner.copies.lock().await;
         if local.exists() {
             match tokio::task::spawn_blocking(move || verify_pack(&local, id))
                 .await
@@ -127,6 +133,7 @@ impl ChunkService {
                 }
             }
         }
+        drop(_copies);
         let mut errors = Vec::new();
         for peer in peers {
             match self.copy_from_peer(id, peer).await {
@@ -466,6 +473,7 @@ impl ChunkService {
             bytes: sealed.len,
             chunks: sealed.entries.len() as u64,
             object_key: String::new(),
+            moving_to: String::new(),
         };
         let request = RegisterPackRequest {
             pack: Some(pack),
@@ -730,12 +738,23 @@ impl Chunk for ChunkService {
     ) -> Result<Response<DeletePackReply>, Status> {
         let id = req.into_inner().pack_id;
         // Whoever asks read meta earlier; a copy meta lists for this server
-        // (restored by a newer move or repair since) must stay.
+        // (restored by a newer move or repair since) must stay, and so must
+        // one a queued move may be restoring or reusing right now (it lists
+        // the copy only once it is done). The lock keeps a restore from
+        // reusing the file between the check and the unlink.
+        let _copies = self.inner.copies.lock().await;
         let node = self.inner.node_id;
         match self.inner.meta.get_pack(id).await {
             Ok(p) if p.replicas.contains(&node) => {
                 return Err(Status::failed_precondition(format!(
                     "pack {id} is listed as a replica on chunk server {node}; it is not deleted"
+                )))
+            }
+            Ok(p) if !p.moving_to.is_empty() => {
+                return Err(Status::failed_precondition(format!(
+                    "pack {id} has a queued move to the {} tier; its copy on chunk server {node} is not deleted \
+                     now (the sweep of unlisted packs removes it later if it stays unlisted)",
+                    p.moving_to
                 )))
             }
             Ok(_) => {}

@@ -70,6 +70,7 @@ fn pack_view(id: u64, p: &PackRecord) -> PackInfo {
         bytes: p.bytes,
         chunks: p.chunks,
         object_key: p.object_key.clone(),
+        moving_to: String::new(),
     }
 }
 
@@ -358,7 +359,15 @@ impl Meta for MetaService {
             .get::<PackRecord>(CF_PACKS, &id.to_be_bytes())
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("pack {id} is not registered")))?;
-        Ok(Response::new(pack_view(id, &p)))
+        let mut view = pack_view(id, &p);
+        if let Some(m) = self
+            .reader()
+            .get::<MoveRecord>(CF_MOVES, &id.to_be_bytes())
+            .map_err(internal)?
+        {
+            view.moving_to = m.to;
+        }
+        Ok(Response::new(view))
     }
 
     async fn list_packs(&self, req: Request<ListPacksRequest>) -> Result<Response<PackList>, Status> {

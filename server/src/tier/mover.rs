@@ -84,6 +84,7 @@ pub async fn run(cluster: Cluster) {
             let cluster = cluster.clone();
             let backoff = backoff.clone();
             tasks.spawn(async move {
+                let _moving = cluster.moving(id);
                 match move_pack(&cluster, id, &m).await {
                     Ok(()) => {
                         backoff.lock().expect("backoff lock").remove(&id);
