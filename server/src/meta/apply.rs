@@ -70,6 +70,34 @@ impl Applier<'_, '_> {
         self.batch.put_cf(self.r.cf(cf), key, encode(v));
     }
 
+    /// Ends a move of pack `id` (the queue entry goes): its home tier becomes
+    /// `to` with `replicas`, and `drop_object` forgets the object copy.
+    /// Refused if that would leave the pack with no copy.
+    fn end_move(&mut self, id: u64, to: String, replicas: Vec<u64>, drop_object: bool) -> MetaResult {
+        self.batch.delete_cf(self.r.cf(CF_MOVES), id.to_be_bytes());
+        let Some(mut pack) = self.r.pack(id).map_err(internal)? else {
+            // Deleted by GC meanwhile: nothing left to move.
+            return Ok(MetaReply::Unit);
+        };
+        pack.tier = to;
+        if drop_object {
+            pack.object_key.clear();
+        }
+        self.set_replicas(id, pack, replicas)
+    }
+
+    /// Stores `pack` with `replicas`, refused if it would have no copy left.
+    fn set_replicas(&mut self, id: u64, mut pack: PackRecord, replicas: Vec<u64>) -> MetaResult {
+        pack.replicas = replicas;
+        if !pack.has_copy() {
+            return Err(MetaError::FailedPrecondition(format!(
+                "pack {id} would have no copy left; the change is refused"
+            )));
+        }
+        self.put(CF_PACKS, &id.to_be_bytes(), &pack);
+        Ok(MetaReply::Unit)
+    }
+
     fn apply(&mut self, cmd: MetaCommand) -> MetaResult {
         match cmd {
             MetaCommand::CreateDataset { name, now_ms } => {
@@ -306,23 +334,7 @@ impl Applier<'_, '_> {
                 drop_object,
             } => {
                 check_tier(&to)?;
-                self.batch.delete_cf(self.r.cf(CF_MOVES), id.to_be_bytes());
-                let Some(mut pack) = self.r.pack(id).map_err(internal)? else {
-                    // Deleted by GC meanwhile: nothing left to move.
-                    return Ok(MetaReply::Unit);
-                };
-                pack.tier = to;
-                pack.replicas = replicas;
-                if drop_object {
-                    pack.object_key.clear();
-                }
-                if !pack.has_copy() {
-                    return Err(MetaError::FailedPrecondition(format!(
-                        "pack {id} would have no copy left; the move is refused"
-                    )));
-                }
-                self.put(CF_PACKS, &id.to_be_bytes(), &pack);
-                Ok(MetaReply::Unit)
+                self.end_move(id, to, replicas, drop_object)
             }
             MetaCommand::EndMove {
                 id,
@@ -349,55 +361,25 @@ impl Applier<'_, '_> {
                 if let Some(why) = refused {
                     return Err(MetaError::FailedPrecondition(why));
                 }
-                self.batch.delete_cf(self.r.cf(CF_MOVES), id.to_be_bytes());
-                let Some(mut pack) = self.r.pack(id).map_err(internal)? else {
-                    // Deleted by GC meanwhile: nothing left to move.
-                    return Ok(MetaReply::Unit);
-                };
-                pack.tier = to;
-                pack.replicas = replicas;
-                if drop_object {
-                    pack.object_key.clear();
-                }
-                if !pack.has_copy() {
-                    return Err(MetaError::FailedPrecondition(format!(
-                        "pack {id} would have no copy left; the move is refused"
-                    )));
-                }
-                self.put(CF_PACKS, &id.to_be_bytes(), &pack);
-                Ok(MetaReply::Unit)
+                self.end_move(id, to, replicas, drop_object)
             }
             MetaCommand::ReplaceReplicas {
                 id,
                 expected,
                 replicas,
             } => {
-                let mut pack = self.existing_pack(id)?;
+                let pack = self.existing_pack(id)?;
                 if pack.replicas != expected {
                     return Err(MetaError::FailedPrecondition(format!(
                         "the replicas of pack {id} changed meanwhile (now {:?}, expected {expected:?}); read them again",
                         pack.replicas
                     )));
                 }
-                pack.replicas = replicas;
-                if !pack.has_copy() {
-                    return Err(MetaError::FailedPrecondition(format!(
-                        "pack {id} would have no copy left; the change is refused"
-                    )));
-                }
-                self.put(CF_PACKS, &id.to_be_bytes(), &pack);
-                Ok(MetaReply::Unit)
+                self.set_replicas(id, pack, replicas)
             }
             MetaCommand::SetReplicas { id, replicas } => {
-                let mut pack = self.existing_pack(id)?;
-                pack.replicas = replicas;
-                if !pack.has_copy() {
-                    return Err(MetaError::FailedPrecondition(format!(
-                        "pack {id} would have no copy left; the change is refused"
-                    )));
-                }
-                self.put(CF_PACKS, &id.to_be_bytes(), &pack);
-                Ok(MetaReply::Unit)
+                let pack = self.existing_pack(id)?;
+                self.set_replicas(id, pack, replicas)
             }
             MetaCommand::TouchPacks { reads } => {
                 for (id, ms) in reads {
@@ -881,6 +863,12 @@ mod tests {
         assert!(r.pack(pack).unwrap().is_none());
     }
 
+    /// Records `packs/7.pack` as pack `id`'s object copy.
+    fn record_object(db: &DB, id: u64) {
+        let object_key = "packs/7.pack".into();
+        apply(db, MetaCommand::PackUploaded { id, object_key }).unwrap();
+    }
+
     #[test]
     fn a_move_ends_only_as_queued_and_replica_changes_are_compare_and_set() {
         let dir = tempfile::tempdir().unwrap();
@@ -901,14 +889,7 @@ mod tests {
         // move in flight can still end it.
         apply(&db, queue(TIER_OBJECT, 20)).unwrap();
         assert_eq!(queued(&r).unwrap().queued_ms, 10);
-        apply(
-            &db,
-            MetaCommand::PackUploaded {
-                id: pack,
-                object_key: "packs/7.pack".into(),
-            },
-        )
-        .unwrap();
+        record_object(&db, pack);
         let end = |to: &str, queued_ms| MetaCommand::EndMove {
             id: pack,
             to: to.into(),
@@ -1007,14 +988,7 @@ mod tests {
             ),
             Err(MetaError::FailedPrecondition(_))
         ));
-        apply(
-            &db,
-            MetaCommand::PackUploaded {
-                id: pack,
-                object_key: "packs/7.pack".into(),
-            },
-        )
-        .unwrap();
+        record_object(&db, pack);
         apply(&db, finish(false)).unwrap();
         let p = r.pack(pack).unwrap().unwrap();
         assert_eq!((p.tier.as_str(), p.replicas.len()), (TIER_OBJECT, 0));
