@@ -117,7 +117,7 @@ impl ChunkService {
         let store = self.inner.store.clone();
         let local = store.sealed_path(id);
         // No DeletePack between the check of the local copy and its reuse.
-        let _copies = self.inner.copies.lock().await;
+        let copies = self.inner.copies.lock().await;
         if local.exists() {
             match tokio::task::spawn_blocking(move || verify_pack(&local, id))
                 .await
@@ -133,7 +133,7 @@ impl ChunkService {
                 }
             }
         }
-        drop(_copies);
+        drop(copies);
         let mut errors = Vec::new();
         for peer in peers {
             match self.copy_from_peer(id, peer).await {

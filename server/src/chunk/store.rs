@@ -156,11 +156,14 @@ impl PackStore {
         let _ = std::fs::remove_file(self.open_path(id));
     }
 
-    /// Deletes sealed pack `id` (one that will never be registered).
-    pub fn remove_sealed(&self, id: u64) {
-        if std::fs::remove_file(self.sealed_path(id)).is_ok() {
+    /// Deletes sealed pack `id` (one that will never be registered); true if
+    /// it was there.
+    pub fn remove_sealed(&self, id: u64) -> bool {
+        let removed = std::fs::remove_file(self.sealed_path(id)).is_ok();
+        if removed {
             tracing::info!(pack = id, "removed a pack that was never registered");
         }
+        removed
     }
 
     /// Marks sealed pack `id` as just written (its modification time), so the
@@ -179,15 +182,10 @@ impl PackStore {
     /// unlisted packs); true if it was deleted.
     pub fn remove_if_older(&self, id: u64, grace: std::time::Duration) -> bool {
         let _sweep = self.sweep.lock().expect("sweep lock");
-        let path = self.sealed_path(id);
-        let old = std::fs::metadata(&path)
+        let old = std::fs::metadata(self.sealed_path(id))
             .and_then(|m| m.modified())
             .is_ok_and(|t| t.elapsed().unwrap_or_default() >= grace);
-        if old && std::fs::remove_file(&path).is_ok() {
-            tracing::info!(pack = id, "removed a pack that was never registered");
-            return true;
-        }
-        false
+        old && self.remove_sealed(id)
     }
 
     /// Every sealed pack on this server, with its modification time.
