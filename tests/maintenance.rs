@@ -360,10 +360,6 @@ fn objects(root: &Path) -> BTreeMap<String, u64> {
         .collect()
 }
 
-fn object_name(id: u64) -> String {
-    format!("{id:016x}.pack")
-}
-
 /// Flips (xor 0xff) the byte at `offset` of `path`.
 fn flip_byte(path: &Path, offset: u64) {
     let f = fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
@@ -489,30 +485,47 @@ fn object_tier(url: &str) -> ObjectTier {
 /// the store itself (not through Granary's metadata). For a `file://` store
 /// the files below its `packs/` directory must say the same.
 async fn stored_objects(url: &str) -> BTreeMap<u64, u64> {
-    let listed: BTreeMap<u64, u64> = object_tier(url)
-        .list_packs()
+    let listed = object_tier(url)
+        .list_pack_objects()
         .await
-        .unwrap_or_else(|e| panic!("listing {url}: {e}"))
-        .into_iter()
-        .collect();
+        .unwrap_or_else(|e| panic!("listing {url}: {e}"));
     if let Some(dir) = url.strip_prefix("file://") {
         let on_disk = objects(Path::new(dir));
-        let want: BTreeMap<String, u64> = listed.iter().map(|(id, n)| (object_name(*id), *n)).collect();
+        let want: BTreeMap<String, u64> = listed
+            .iter()
+            .map(|o| (o.key.rsplit('/').next().unwrap().to_string(), o.size))
+            .collect();
         assert_eq!(on_disk, want, "files below {dir}/packs vs. the store's listing");
     }
-    listed
+    let by_id: BTreeMap<u64, u64> = listed.iter().map(|o| (o.id, o.size)).collect();
+    assert_eq!(by_id.len(), listed.len(), "one object per pack: {listed:?}");
+    by_id
+}
+
+/// The key of pack `id`'s object in the store at `url`, from its listing.
+async fn object_key(url: &str, id: u64) -> String {
+    let listed = object_tier(url)
+        .list_pack_objects()
+        .await
+        .unwrap_or_else(|e| panic!("listing {url}: {e}"));
+    let mut keys = listed.into_iter().filter(|o| o.id == id).map(|o| o.key);
+    let key = keys
+        .next()
+        .unwrap_or_else(|| panic!("pack {id} has no object in {url}"));
+    assert_eq!(keys.next(), None, "pack {id} has more than one object");
+    key
 }
 
 /// Flips (xor 0xff) the byte at `offset` of pack `id`'s object: in the file
 /// of a `file://` store, by writing the object again with that byte changed
 /// in S3.
 async fn flip_object_byte(url: &str, id: u64, offset: u64) {
+    let key = object_key(url, id).await;
     if let Some(dir) = url.strip_prefix("file://") {
-        flip_byte(&Path::new(dir).join("packs").join(object_name(id)), offset);
+        flip_byte(&Path::new(dir).join(&key), offset);
         return;
     }
     let tier = object_tier(url);
-    let key = tier.pack_key(id);
     let size = tier.size(&key).await.unwrap().expect("the pack object exists");
     let mut data = tier.get_ranges(&key, &[(0, size as u32)]).await.unwrap();
     data[offset as usize] ^= 0xff;

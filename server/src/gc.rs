@@ -293,10 +293,12 @@ async fn delete_copies(cluster: &Cluster, id: u64, pack: &PackRecord) {
     }
 }
 
-/// Deletes pack objects that no pack record lists, older than the grace
-/// period and with no queued move: left by a crash between an upload and its
-/// Raft record (a compaction, a move whose pack GC took), or by a move back
-/// to SSD that died before deleting the object. Returns how many.
+/// Deletes pack objects that no pack record lists (by key: a pack's earlier
+/// upload under another key counts as unlisted), older than the grace period
+/// and with no queued move: left by a crash between an upload and its Raft
+/// record (a compaction, a move whose pack GC took, a move that another task
+/// recorded first), or by a move back to SSD that died before deleting the
+/// object. Returns how many.
 async fn delete_orphan_objects(cluster: &Cluster, now: u64, grace_ms: u64) -> u64 {
     let objects = match cluster.objects().list_pack_objects().await {
         Ok(o) => o,
@@ -311,13 +313,16 @@ async fn delete_orphan_objects(cluster: &Cluster, now: u64, grace_ms: u64) -> u6
             continue;
         }
         let r = cluster.reader();
-        // Any record with an object copy counts, whatever its key: never
-        // delete what a record might name.
+        // The queue first: once no move of the pack is queued, no mover can
+        // record this key any more (`MoveUploaded` is refused), so a record
+        // read after that which names another key (or none) is final.
+        if r.exists(CF_MOVES, &o.id.to_be_bytes()).unwrap_or(true) {
+            continue;
+        }
         let listed = r
             .pack(o.id)
-            .map_or(true, |p| p.is_some_and(|p| !p.object_key.is_empty()));
-        let moving = r.exists(CF_MOVES, &o.id.to_be_bytes()).unwrap_or(true);
-        if listed || moving {
+            .map_or(true, |p| p.is_some_and(|p| p.object_key == o.key));
+        if listed {
             continue;
         }
         match cluster.objects().delete(&o.key).await {

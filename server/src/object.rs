@@ -5,10 +5,14 @@
 //! credentials from the usual `AWS_*` environment variables) or
 //! `file:///abs/path` (a directory, created if missing, written with fsync).
 //!
-//! **Keys.** Pack `id` is the object `<prefix>/packs/<id as 16 hex digits>.pack`,
-//! or `packs/<id>.pack` when the URL has no prefix ([`ObjectTier::pack_key`]).
-//! The fixed-width hex name sorts like the id and lets [`ObjectTier::list_packs`]
-//! tell packs from any other key under the prefix.
+//! **Keys.** A pack GC writes (a compaction's new pack) is the object
+//! `<prefix>/packs/<id as 16 hex digits>.pack` ([`ObjectTier::pack_key`]); a
+//! pack the mover uploads gets `<prefix>/packs/<id>-<random 16 hex digits>.pack`
+//! ([`ObjectTier::move_key`]), a key no earlier or later upload of the same pack
+//! shares, so a stale task deleting the object it recorded can never delete
+//! another move's copy. Meta records the key; nothing derives it from the id.
+//! The fixed-width hex names sort like the id and let
+//! [`ObjectTier::list_packs`] tell packs from any other key under the prefix.
 //!
 //! **Uploads.** A file below 16 MiB goes up in one PUT; a larger one as a
 //! multipart upload of 8 MiB parts with at most four parts in flight, read from
@@ -191,6 +195,12 @@ impl ObjectTier {
     /// (no leading slash when there is no prefix).
     pub fn pack_key(&self, id: u64) -> String {
         format!("{}{id:016x}.pack", self.packs_dir())
+    }
+
+    /// A fresh object key for one upload of pack `id` by the mover:
+    /// `<prefix>/packs/<id as 16 hex digits>-<random 16 hex digits>.pack`.
+    pub fn move_key(&self, id: u64) -> String {
+        format!("{}{id:016x}-{:016x}.pack", self.packs_dir(), fastrand::u64(..))
     }
 
     /// `<prefix>/packs/` or `packs/`.
@@ -443,7 +453,8 @@ impl ObjectTier {
     }
 
     /// Every pack object under this tier's prefix as `(pack id, size)`, by
-    /// id. Keys that are not `<prefix>/packs/<16 hex digits>.pack` are ignored.
+    /// id. Keys that are neither [`Self::pack_key`] nor [`Self::move_key`]
+    /// names are ignored.
     pub async fn list_packs(&self) -> Result<Vec<(u64, u64)>, ObjectError> {
         Ok(self
             .list_pack_objects()
@@ -470,10 +481,7 @@ impl ObjectTier {
                 .as_ref()
                 .strip_prefix(dir.as_str())
                 .and_then(|n| n.strip_suffix(".pack"));
-            if let Some(id) = name
-                .filter(|n| n.len() == 16)
-                .and_then(|n| u64::from_str_radix(n, 16).ok())
-            {
+            if let Some(id) = name.and_then(pack_id_of) {
                 packs.push(PackObject {
                     id,
                     key: meta.location.to_string(),
@@ -572,6 +580,20 @@ fn one_line(e: impl Display) -> String {
     format!("{}{summary}{}", &text[..start], &text[end..])
 }
 
+/// The pack id in an object name below `packs/` without its `.pack`:
+/// `<16 hex digits>` or `<16 hex digits>-<16 hex digits>`.
+fn pack_id_of(name: &str) -> Option<u64> {
+    let hex16 = |h: &str| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit());
+    let (id, nonce) = match name.split_once('-') {
+        Some((id, nonce)) => (id, Some(nonce)),
+        None => (name, None),
+    };
+    if !hex16(id) || !nonce.is_none_or(hex16) {
+        return None;
+    }
+    u64::from_str_radix(id, 16).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -606,5 +628,24 @@ mod tests {
         let mut prefixed = root.clone();
         prefixed.prefix = Some("a/b".into());
         assert_eq!(prefixed.pack_key(u64::MAX), "a/b/packs/ffffffffffffffff.pack");
+        let (a, b) = (prefixed.move_key(0xab), prefixed.move_key(0xab));
+        assert_ne!(a, b, "every upload of a pack gets its own key");
+        for key in [a, b, prefixed.pack_key(0xab)] {
+            let name = key
+                .strip_prefix("a/b/packs/")
+                .unwrap()
+                .strip_suffix(".pack")
+                .unwrap();
+            assert_eq!(pack_id_of(name), Some(0xab), "{key}");
+        }
+        for bad in [
+            "ab",
+            "00000000000000ab-",
+            "00000000000000ab-12",
+            "00000000000000ag",
+            "x-00000000000000ab",
+        ] {
+            assert_eq!(pack_id_of(bad), None, "{bad}");
+        }
     }
 }

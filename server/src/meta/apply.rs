@@ -86,6 +86,35 @@ impl Applier<'_, '_> {
         self.set_replicas(id, pack, replicas)
     }
 
+    /// Refused unless the queued move of pack `id` is the one to `to`
+    /// queued at `queued_ms`: a task working on an older move changes nothing.
+    fn check_queued(&self, id: u64, to: &str, queued_ms: u64) -> Result<(), MetaError> {
+        let queued = self
+            .r
+            .get::<MoveRecord>(CF_MOVES, &id.to_be_bytes())
+            .map_err(internal)?;
+        let refused = match queued {
+            Some(m) if m.to == to && m.queued_ms == queued_ms => return Ok(()),
+            Some(m) => format!(
+                "pack {id} was queued again (to {}) while it moved to {to}; the newer move goes on",
+                m.to
+            ),
+            None => format!("the move of pack {id} to {to} is no longer queued (another task ended it)"),
+        };
+        Err(MetaError::FailedPrecondition(refused))
+    }
+
+    /// Records `object_key` as pack `id`'s object copy.
+    fn record_object(&mut self, id: u64, object_key: String) -> MetaResult {
+        let mut pack = self.existing_pack(id)?;
+        if object_key.is_empty() {
+            return Err(MetaError::InvalidArgument("object key must not be empty".into()));
+        }
+        pack.object_key = object_key;
+        self.put(CF_PACKS, &id.to_be_bytes(), &pack);
+        Ok(MetaReply::Unit)
+    }
+
     /// Stores `pack` with `replicas`, refused if it would have no copy left.
     fn set_replicas(&mut self, id: u64, mut pack: PackRecord, replicas: Vec<u64>) -> MetaResult {
         pack.replicas = replicas;
@@ -318,15 +347,7 @@ impl Applier<'_, '_> {
                 }
                 Ok(MetaReply::Stored(queued))
             }
-            MetaCommand::PackUploaded { id, object_key } => {
-                let mut pack = self.existing_pack(id)?;
-                if object_key.is_empty() {
-                    return Err(MetaError::InvalidArgument("object key must not be empty".into()));
-                }
-                pack.object_key = object_key;
-                self.put(CF_PACKS, &id.to_be_bytes(), &pack);
-                Ok(MetaReply::Unit)
-            }
+            MetaCommand::PackUploaded { id, object_key } => self.record_object(id, object_key),
             MetaCommand::FinishMove {
                 id,
                 to,
@@ -344,24 +365,23 @@ impl Applier<'_, '_> {
                 drop_object,
             } => {
                 check_tier(&to)?;
-                let queued = self
-                    .r
-                    .get::<MoveRecord>(CF_MOVES, &id.to_be_bytes())
-                    .map_err(internal)?;
-                let refused = match queued {
-                    Some(m) if m.to == to && m.queued_ms == queued_ms => None,
-                    Some(m) => Some(format!(
-                        "pack {id} was queued again (to {}) while it moved to {to}; the newer move goes on",
-                        m.to
-                    )),
-                    None => Some(format!(
-                        "the move of pack {id} to {to} is no longer queued (another task ended it)"
-                    )),
-                };
-                if let Some(why) = refused {
-                    return Err(MetaError::FailedPrecondition(why));
-                }
+                self.check_queued(id, &to, queued_ms)?;
                 self.end_move(id, to, replicas, drop_object)
+            }
+            MetaCommand::MoveUploaded {
+                id,
+                queued_ms,
+                object_key,
+            } => {
+                self.check_queued(id, TIER_OBJECT, queued_ms)?;
+                let pack = self.existing_pack(id)?;
+                if !pack.object_key.is_empty() && pack.object_key != object_key {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "pack {id} already lists the object {}; {object_key} is not recorded",
+                        pack.object_key
+                    )));
+                }
+                self.record_object(id, object_key)
             }
             MetaCommand::ReplaceReplicas {
                 id,
@@ -889,7 +909,24 @@ mod tests {
         // move in flight can still end it.
         apply(&db, queue(TIER_OBJECT, 20)).unwrap();
         assert_eq!(queued(&r).unwrap().queued_ms, 10);
-        record_object(&db, pack);
+        // Only the queued move records its object, and only one object.
+        let uploaded = |queued_ms, key: &str| MetaCommand::MoveUploaded {
+            id: pack,
+            queued_ms,
+            object_key: key.into(),
+        };
+        assert!(matches!(
+            apply(&db, uploaded(20, "packs/a.pack")),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+        assert_eq!(r.pack(pack).unwrap().unwrap().object_key, "");
+        apply(&db, uploaded(10, "packs/b.pack")).unwrap();
+        apply(&db, uploaded(10, "packs/b.pack")).unwrap();
+        assert!(matches!(
+            apply(&db, uploaded(10, "packs/c.pack")),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+        assert_eq!(r.pack(pack).unwrap().unwrap().object_key, "packs/b.pack");
         let end = |to: &str, queued_ms| MetaCommand::EndMove {
             id: pack,
             to: to.into(),
@@ -907,6 +944,10 @@ mod tests {
         let p = r.pack(pack).unwrap().unwrap();
         assert_eq!((p.tier.as_str(), p.replicas.clone()), (TIER_SSD, vec![1]));
         assert_eq!(queued(&r).unwrap().to, TIER_SSD);
+        assert!(matches!(
+            apply(&db, uploaded(10, "packs/d.pack")),
+            Err(MetaError::FailedPrecondition(_))
+        ));
         // The queued move ends; ending it a second time (a stale task) is refused.
         let back = MetaCommand::EndMove {
             id: pack,
@@ -920,6 +961,12 @@ mod tests {
         let p = r.pack(pack).unwrap().unwrap();
         assert_eq!((p.replicas.clone(), p.object_key.as_str()), (vec![1, 2], ""));
         assert!(matches!(apply(&db, back), Err(MetaError::FailedPrecondition(_))));
+        // A stale mover of the first move cannot record its object now.
+        assert!(matches!(
+            apply(&db, uploaded(10, "packs/e.pack")),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+        assert_eq!(r.pack(pack).unwrap().unwrap().object_key, "");
 
         // Replica lists change only from the list the writer read.
         let replace = |expected: Vec<u64>, replicas: Vec<u64>| MetaCommand::ReplaceReplicas {

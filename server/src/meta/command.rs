@@ -70,7 +70,10 @@ pub enum MetaCommand {
         by: String,
         now_ms: u64,
     },
-    /// A pack's copy is now stored (and verified) in the object tier.
+    /// A pack's copy is now stored (and verified) in the object tier, not
+    /// checked against the move queue. Written by builds before 2026-12-07
+    /// and still applied from their log entries; the mover now proposes
+    /// [`MetaCommand::MoveUploaded`].
     PackUploaded {
         id: u64,
         object_key: String,
@@ -141,6 +144,16 @@ pub enum MetaCommand {
         id: u64,
         expected: Vec<u64>,
         replicas: Vec<u64>,
+    },
+    /// The queued move of pack `id` to the object tier (queued at
+    /// `queued_ms`) stored and verified its copy as `object_key`. Refused
+    /// when that move is no longer the queued one, or the pack already
+    /// lists another object: a stale mover never records an object that a
+    /// newer move, or GC's orphan sweep, may delete.
+    MoveUploaded {
+        id: u64,
+        queued_ms: u64,
+        object_key: String,
     },
 }
 

@@ -5,7 +5,7 @@
 //! [`crate::fault`]):
 //! 1. a chunk server holding a replica uploads the pack (`UploadPack`),
 //!    which checks the stored object's size; [`move-after-upload`]
-//! 2. Raft records the object copy (`PackUploaded`); [`move-after-record`]
+//! 2. Raft records the object copy (`MoveUploaded`); [`move-after-record`]
 //! 3. Raft records the object tier as home, no SSD replicas, and drops the
 //!    queue entry (`EndMove`); [`move-after-finish`]
 //! 4. the replicas' files are deleted (a crash here leaves files that the
@@ -205,7 +205,9 @@ async fn to_object(
             )));
         }
     } else {
-        let key = cluster.objects().pack_key(id);
+        // A key of its own: a stale task deleting the object it recorded
+        // (a move back to SSD, say) can never hit this upload.
+        let key = cluster.objects().move_key(id);
         let mut last = None;
         let mut uploaded = false;
         for (node, addr) in &replicas {
@@ -236,7 +238,11 @@ async fn to_object(
         }
         fault::point("move-after-upload");
         cluster
-            .propose(MetaCommand::PackUploaded { id, object_key: key })
+            .propose(MetaCommand::MoveUploaded {
+                id,
+                queued_ms: m.queued_ms,
+                object_key: key,
+            })
             .await?;
     }
     fault::point("move-after-record");

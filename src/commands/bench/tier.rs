@@ -302,12 +302,18 @@ const GET_BLOCK: u64 = object_blocks::BLOCK;
 /// reads through the chunk server fetches these same bytes and then still
 /// verifies, decodes and serves them.
 fn raw_get(rt: &tokio::runtime::Runtime, tier: &ObjectTier, moto_pid: Option<u32>) -> anyhow::Result<Step> {
-    let packs = rt.block_on(tier.list_packs())?;
-    let ranges: Vec<(u64, u64, u32)> = packs
+    let packs = rt.block_on(tier.list_pack_objects())?;
+    let ranges: Vec<(&str, u64, u32)> = packs
         .iter()
-        .flat_map(|&(id, size)| {
-            (0..size.div_ceil(GET_BLOCK))
-                .map(move |b| (id, b * GET_BLOCK, (size - b * GET_BLOCK).min(GET_BLOCK) as u32))
+        .flat_map(|p| {
+            let size = p.size;
+            (0..size.div_ceil(GET_BLOCK)).map(move |b| {
+                (
+                    p.key.as_str(),
+                    b * GET_BLOCK,
+                    (size - b * GET_BLOCK).min(GET_BLOCK) as u32,
+                )
+            })
         })
         .collect();
     let watch = CpuWatch::start(&[
@@ -317,8 +323,8 @@ fn raw_get(rt: &tokio::runtime::Runtime, tier: &ObjectTier, moto_pid: Option<u32
     let started = Instant::now();
     let bytes: u64 = rt.block_on(async {
         futures::stream::iter(ranges.iter())
-            .map(|&(id, off, len)| async move {
-                let got = tier.get_ranges(&tier.pack_key(id), &[(off, len)]).await?;
+            .map(|&(key, off, len)| async move {
+                let got = tier.get_ranges(key, &[(off, len)]).await?;
                 anyhow::Ok(got.len() as u64)
             })
             .buffer_unordered(PARALLEL_GETS)
