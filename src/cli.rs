@@ -125,7 +125,7 @@ pub struct UploadArgs {
     /// Seal packs at this size (e.g. 64MiB; smaller packs suit small datasets and tests).
     #[arg(long, default_value = "64MiB")]
     pub pack_size: String,
-    /// Chunking threads (default: one per core).
+    /// Chunking threads (default: two per core, so reads that wait on the disk do not idle a core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Read every file, ignoring the local cache of files unchanged since the last upload.
@@ -355,7 +355,7 @@ pub enum InspectCommand {
     Tree {
         /// The directory to scan.
         dir: PathBuf,
-        /// Worker threads (default: one per core).
+        /// Worker threads (default: two per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
         #[command(flatten)]

@@ -422,7 +422,7 @@ impl ChunkServers {
         };
         tx.try_send(WritePackRequest {
             session: Some(session),
-            frames: Vec::new(),
+            frames: Default::default(),
             seal: false,
         })
         .expect("fresh channel has room");
@@ -483,7 +483,7 @@ impl PackStream {
             let frames = std::mem::replace(&mut self.buf, Vec::with_capacity(SEND_MESSAGE + (256 << 10)));
             let msg = WritePackRequest {
                 session: None,
-                frames,
+                frames: frames.into(),
                 seal: false,
             };
             if self.tx.send(msg).await.is_err() {
@@ -510,7 +510,7 @@ impl PackStream {
             .tx
             .send(WritePackRequest {
                 session: None,
-                frames,
+                frames: frames.into(),
                 seal: true,
             })
             .await

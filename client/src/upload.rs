@@ -1,7 +1,7 @@
 //! Uploading a directory as a new dataset version.
 //!
 //! ```text
-//!  rayon pool (all cores)                     async uploader
+//!  rayon pool (2 per core)                    async uploader
 //!  walk -> FastCDC -> BLAKE3 -> lz4 frame --> [bounded channel] --> batch `has` (<= 256 ids)
 //!                                                                 -> missing frames -> pack stream
 //!                                                                    (1 MiB messages, 2 packs in flight)
@@ -44,7 +44,8 @@ pub struct UploadOptions {
     pub message: String,
     /// Commit even if another version was committed since the upload started.
     pub force: bool,
-    /// Chunking threads; 0 means one per core.
+    /// Chunking threads; 0 means two per core
+    /// ([`granary_core::ingest::default_threads`]).
     pub threads: usize,
     /// Seal a pack once it holds this many bytes.
     pub pack_size: u64,

@@ -306,6 +306,23 @@ pub fn decode_frame_into(
     Ok(header)
 }
 
+/// Verifies the frame that fills `frame` exactly, like [`decode_frame_into`],
+/// without keeping its contents: a stored-raw chunk is hashed in place, a
+/// compressed one is decompressed into `scratch` (cleared first, reused by
+/// the caller across frames) and hashed there.
+pub fn verify_frame(frame: &[u8], scratch: &mut Vec<u8>) -> Result<FrameHeader, FrameError> {
+    let header = check_frame(frame, None)?;
+    let payload = &frame[FRAME_HEADER_LEN..];
+    match header.codec {
+        Codec::Raw => check_hash(&header, payload)?,
+        Codec::Lz4 => {
+            scratch.clear();
+            decode_checked(&header, payload, scratch)?;
+        }
+    }
+    Ok(header)
+}
+
 /// Appends the raw bytes of a checked frame's payload to `out` and verifies
 /// their hash; on error `out` is as it was.
 fn decode_checked(header: &FrameHeader, payload: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {

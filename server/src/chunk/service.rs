@@ -8,8 +8,7 @@ use granary_client::chunk_proto::chunk_server::{Chunk, ChunkServer};
 use granary_client::chunk_proto::*;
 use granary_client::proto::{ChunkLocation, PackInfo, RegisterPackRequest};
 use granary_client::MetaClient;
-use granary_core::frame::FrameHeader;
-use granary_core::pack::{PackWriter, SealedPack};
+use granary_core::pack::SealedPack;
 use granary_core::PackError;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -331,7 +330,7 @@ impl ChunkService {
                         replica_ids: session.replica_ids.clone(),
                         register: false,
                     }),
-                    frames: Vec::new(),
+                    frames: Default::default(),
                     seal: false,
                 };
                 tx.send(first)
@@ -383,7 +382,8 @@ impl ChunkService {
                 let buf = std::mem::take(&mut msg.frames);
                 let store = &self.inner.store;
                 writer = tokio::task::block_in_place(|| {
-                    let mut w = append_frames(writer, &buf)?;
+                    let mut w = writer;
+                    w.append_frames(&buf)?;
                     if w.len() - written_back >= WRITEBACK_STEP {
                         store.start_writeback(&mut w, written_back)?;
                         written_back = w.len();
@@ -519,27 +519,6 @@ async fn downstream_error(call: Option<JoinHandle<Result<WritePackReply, Status>
         },
         None => Status::internal("no downstream replica"),
     }
-}
-
-/// Appends every whole frame in `buf`, verifying each.
-fn append_frames(mut writer: PackWriter, buf: &[u8]) -> Result<PackWriter, PackError> {
-    let mut pos = 0;
-    while pos < buf.len() {
-        let len = match FrameHeader::parse(&buf[pos..]) {
-            Ok(h) => h.frame_len(),
-            Err(source) => {
-                return Err(PackError::BadFrame {
-                    path: writer.path().to_path_buf(),
-                    offset: writer.len(),
-                    source,
-                })
-            }
-        };
-        let end = (pos + len).min(buf.len());
-        writer.append_frame(&buf[pos..end])?;
-        pos = end;
-    }
-    Ok(writer)
 }
 
 #[tonic::async_trait]

@@ -74,7 +74,7 @@ pub struct BenchTierArgs {
     /// Reader threads of the cold reads (each reads whole files with std::fs::read).
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
-    /// `--threads` of the upload (0: its default, one per core). With one thread the packs hold the
+    /// `--threads` of the upload (0: its default, two per core). With one thread the packs hold the
     /// files in path order; with several, files chunked at the same time share packs.
     #[arg(long, default_value_t = 0)]
     pub upload_threads: usize,

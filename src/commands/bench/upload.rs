@@ -3,6 +3,11 @@
 //! files modified in the middle, 1% added), stored-bytes growth for v2 and the
 //! peak RSS of server and client. Granary runs as real processes: an embedded
 //! `granary server` and the `granary upload` CLI.
+//!
+//! Every timed run starts from the same state: dirty pages written back and
+//! the kernel's caches dropped (as root), so each tool reads the data from
+//! disk and neither pays for writing back what generating the data (or the
+//! tool before it) left dirty.
 
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
@@ -14,6 +19,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use super::datagen::{random_bytes, TextGen};
+use super::mount::drop_caches;
 use super::{ensure_tool, start_server, vm_hwm, work_dir, Package};
 
 #[derive(Debug, clap::Args)]
@@ -214,6 +220,7 @@ pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
     let cache = root.join("cache");
     let upload = |label: &str| -> anyhow::Result<(Run, Value)> {
         eprintln!("granary upload ({label})");
+        drop_caches()?;
         let run = run_measured(
             Command::new(&exe)
                 .args(["upload", "--json", "--server", &addr])
@@ -227,6 +234,7 @@ pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
     };
     let repo = root.join("restic");
     let restic = |extra: &[&str]| -> anyhow::Result<Run> {
+        drop_caches()?;
         run_measured(
             Command::new("restic")
                 .arg("-r")
