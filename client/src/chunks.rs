@@ -1,11 +1,25 @@
 //! Talking to chunk servers: locating chunks, fetching and verifying
 //! frames, and streaming new packs.
+//!
+//! **Local reads.** A chunk server on this host (it proves it with a token
+//! file, see `LocalReads` in chunk.proto) has its sealed packs read straight
+//! from its disk: one `pread` per run of frames and the same verification
+//! as a fetched frame, instead of a `GetFrames` call that the server answers
+//! with the same `pread` plus gRPC encoding, two socket copies and decoding.
+//! Any error (the pack moved away, a damaged frame, no permission) falls back
+//! to `GetFrames`. Reads are reported to the chunk server (`TouchPacks`, at
+//! most every 30 s per pack) so the tiering policy sees the pack read.
+//! `GRANARY_LOCAL_READS=0` turns them off.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use granary_core::frame::decode_frame_shared;
+use granary_core::pack::{read_ranges, sealed_pack_path};
 use granary_core::ChunkId;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -13,7 +27,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::chunk_proto::chunk_client::ChunkClient;
-use crate::chunk_proto::{FrameRange, GetFramesRequest, PackSession, WritePackReply, WritePackRequest};
+use crate::chunk_proto::{
+    FrameRange, GetFramesRequest, LocalReadsRequest, PackSession, TouchPacksRequest, WritePackReply,
+    WritePackRequest,
+};
 use crate::error::ClientError;
 use crate::meta::MetaClient;
 use crate::proto::{ChunkLocation, NodeInfo};
@@ -69,7 +86,19 @@ struct Inner {
     packs: RwLock<HashMap<u64, PackCopies>>,
     /// Chunk servers whose last read failed, and when: tried last for a while.
     failed: Mutex<HashMap<String, std::time::Instant>>,
+    /// `GRANARY_LOCAL_READS=0`: every read goes through `GetFrames`.
+    no_local_reads: bool,
+    /// Per chunk server, once asked: its packs directory when this client
+    /// sees the same disk, else `None`.
+    local: Mutex<HashMap<String, Option<PathBuf>>>,
+    /// When each (chunk server, pack) read locally was last reported.
+    touched: Mutex<HashMap<(String, u64), Instant>>,
+    /// Frame bytes read directly from local chunk servers' packs.
+    local_bytes: AtomicU64,
 }
+
+/// How often a pack read locally is reported to its chunk server, at most.
+const TOUCH_EVERY: Duration = Duration::from_secs(30);
 
 /// Where a pack's copies are, as last heard from meta.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,9 +119,100 @@ fn server_err(addr: &str, s: tonic::Status) -> ClientError {
 
 impl ChunkServers {
     pub fn new(meta: MetaClient) -> Self {
+        let no_local_reads = std::env::var("GRANARY_LOCAL_READS").is_ok_and(|v| v == "0");
         Self {
             meta,
-            inner: Arc::default(),
+            inner: Arc::new(Inner {
+                no_local_reads,
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// Frame bytes this client has read directly from the packs of chunk
+    /// servers on its host.
+    pub fn local_read_bytes(&self) -> u64 {
+        self.inner.local_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The packs directory of chunk server `addr` when this client sees its
+    /// disk: the token file its `LocalReads` names holds its token. Asked
+    /// once per server (again after an error that says nothing).
+    async fn local_dir(&self, addr: &str) -> Option<PathBuf> {
+        if self.inner.no_local_reads {
+            return None;
+        }
+        if let Some(known) = self.inner.local.lock().expect("local map lock").get(addr) {
+            return known.clone();
+        }
+        let reply = match self.client(addr).ok()?.local_reads(LocalReadsRequest {}).await {
+            Ok(r) => Some(r.into_inner()),
+            // An older chunk server: no local reads there.
+            Err(s) if s.code() == tonic::Code::Unimplemented => None,
+            Err(_) => return None,
+        };
+        let dir = match reply {
+            Some(r) if !r.token.is_empty() => {
+                let seen = tokio::fs::read_to_string(&r.token_path).await.ok();
+                (seen.as_deref() == Some(r.token.as_str())).then(|| PathBuf::from(r.packs_dir))
+            }
+            _ => None,
+        };
+        if let Some(d) = &dir {
+            tracing::debug!(addr, dir = %d.display(), "reading this chunk server's packs directly");
+        }
+        self.inner
+            .local
+            .lock()
+            .expect("local map lock")
+            .insert(addr.to_string(), dir.clone());
+        dir
+    }
+
+    /// Reads and verifies `chunks` of sealed pack `pack` straight from the
+    /// packs directory `dir` of chunk server `addr`.
+    async fn read_local(
+        &self,
+        dir: &Path,
+        addr: &str,
+        pack: u64,
+        chunks: &[(ChunkId, Location)],
+    ) -> Result<Vec<Bytes>, ClientError> {
+        let path = sealed_pack_path(dir, pack);
+        let ranges: Vec<(u64, u32)> = chunks.iter().map(|(_, l)| (l.offset, l.frame_len())).collect();
+        let total: u64 = ranges.iter().map(|(_, n)| *n as u64).sum();
+        let chunks = chunks.to_vec();
+        let what = format!("the copy of pack {pack} in {}", path.display());
+        let out = tokio::task::spawn_blocking(move || {
+            let data = read_ranges(&path, &ranges).map_err(|e| ClientError::Invalid(format!("{what}: {e}")))?;
+            decode_frames(&[Bytes::from(data)], &chunks, &what)
+        })
+        .await
+        .map_err(|e| ClientError::Invalid(format!("local read task failed: {e}")))??;
+        self.inner.local_bytes.fetch_add(total, Ordering::Relaxed);
+        self.touch(addr, pack);
+        Ok(out)
+    }
+
+    /// Tells chunk server `addr` that `pack` was read (at most every
+    /// [`TOUCH_EVERY`]), in the background.
+    fn touch(&self, addr: &str, pack: u64) {
+        let now = Instant::now();
+        {
+            let mut touched = self.inner.touched.lock().expect("touched map lock");
+            let key = (addr.to_string(), pack);
+            if touched.get(&key).is_some_and(|at| now.duration_since(*at) < TOUCH_EVERY) {
+                return;
+            }
+            touched.insert(key, now);
+        }
+        if let Ok(mut client) = self.client(addr) {
+            tokio::spawn(async move {
+                let req = TouchPacksRequest { pack_ids: vec![pack] };
+                if let Err(s) = client.touch_packs(req).await {
+                    tracing::debug!(pack, "could not report a local read: {}", s.message());
+                }
+            });
         }
     }
 
@@ -268,6 +388,26 @@ impl ChunkServers {
                 message: format!("pack {pack} has no known copy; run `granary admin status`"),
             });
         }
+        // SSD replicas on this host first, read directly.
+        for addr in &sources {
+            let replica = {
+                let nodes = self.inner.nodes.read().expect("node cache lock");
+                copies.replicas.iter().any(|id| nodes.get(id) == Some(addr))
+            };
+            if !replica {
+                continue;
+            }
+            if let Some(dir) = self.local_dir(addr).await {
+                match self.read_local(&dir, addr, pack, chunks).await {
+                    Ok(v) => return Ok(v),
+                    // Damage is worth a warning; a pack that moved away is not.
+                    Err(e @ ClientError::Server { .. }) => {
+                        tracing::warn!(pack, addr, "local read failed, trying another copy: {e}")
+                    }
+                    Err(e) => tracing::debug!(pack, addr, "local read failed, asking the chunk server: {e}"),
+                }
+            }
+        }
         let ranges: Vec<FrameRange> = chunks
             .iter()
             .map(|(_, l)| FrameRange {
@@ -337,25 +477,7 @@ impl ChunkServers {
                 message: format!("chunk server {addr} returned {got} of {total} bytes of pack {pack}"),
             });
         }
-        let mut out = Vec::with_capacity(chunks.len());
-        let mut frames = Frames {
-            pieces: &pieces,
-            piece: 0,
-            pos: 0,
-        };
-        for (id, loc) in chunks {
-            let len = loc.frame_len() as usize;
-            // A stored-raw chunk stays a slice of the received piece (no copy).
-            let raw = decode_frame_shared(frames.next(len), Some(id)).map_err(|e| ClientError::Server {
-                code: tonic::Code::DataLoss,
-                message: format!(
-                    "chunk server {addr} returned a damaged frame of pack {pack}: {e}; \
-                         `granary admin scrub` reports it and repairs it where another copy exists"
-                ),
-            })?;
-            out.push(raw);
-        }
-        Ok(out)
+        decode_frames(&pieces, chunks, &format!("chunk server {addr}'s copy of pack {pack}"))
     }
 
     /// Fetches any chunks: locates them, groups them by pack and fetches each
@@ -523,6 +645,30 @@ impl PackStream {
             .await
             .map_err(|e| ClientError::Invalid(format!("pack session task failed: {e}")))?
     }
+}
+
+/// Verifies and decodes `chunks` from `pieces` (their frames, in order);
+/// `what` names the copy they came from in the error.
+fn decode_frames(pieces: &[Bytes], chunks: &[(ChunkId, Location)], what: &str) -> Result<Vec<Bytes>, ClientError> {
+    let mut out = Vec::with_capacity(chunks.len());
+    let mut frames = Frames {
+        pieces,
+        piece: 0,
+        pos: 0,
+    };
+    for (id, loc) in chunks {
+        let len = loc.frame_len() as usize;
+        // A stored-raw chunk stays a slice of the received piece (no copy).
+        let raw = decode_frame_shared(frames.next(len), Some(id)).map_err(|e| ClientError::Server {
+            code: tonic::Code::DataLoss,
+            message: format!(
+                "{what} has a damaged frame: {e}; \
+                 `granary admin scrub` reports it and repairs it where another copy exists"
+            ),
+        })?;
+        out.push(raw);
+    }
+    Ok(out)
 }
 
 /// Consecutive frames out of a `GetFrames` reply's pieces. The server cuts

@@ -21,4 +21,4 @@ pub mod service;
 pub mod store;
 
 pub use service::ChunkService;
-pub use store::PackStore;
+pub use store::{LocalReadToken, PackStore};

@@ -25,7 +25,7 @@ use tokio_stream::StreamExt;
 use granary_client::MetaClient;
 
 use crate::chunk::peers::ChunkPeers;
-use crate::chunk::{ChunkService, PackStore};
+use crate::chunk::{ChunkService, LocalReadToken, PackStore};
 use crate::cluster::Cluster;
 use crate::meta::command::MetaCommand;
 use crate::meta::state::NodeRecord;
@@ -128,6 +128,15 @@ struct NodeFile {
 }
 
 /// Locks the data directory and checks (or records) which node owns it.
+/// A fresh local-read token in `DATA_DIR/local-read-token` (absolute path:
+/// clients on this host open it from anywhere).
+fn local_token(data_dir: &Path) -> Result<LocalReadToken, ServerError> {
+    let path = data_dir.join("local-read-token");
+    std::path::absolute(&path)
+        .and_then(|p| LocalReadToken::write(&p))
+        .map_err(|source| ServerError::DataDir { path, source })
+}
+
 fn claim_data_dir(dir: &Path, node_id: u64) -> Result<std::fs::File, ServerError> {
     let io_err = |source| ServerError::DataDir {
         path: dir.to_path_buf(),
@@ -253,6 +262,7 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send) -
                 objects.clone(),
                 meta,
                 peers.clone(),
+                local_token(&cfg.data_dir)?,
             ))
         }
         None => None,

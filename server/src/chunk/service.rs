@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::object_blocks::ObjectBlocks;
 use super::peers::ChunkPeers;
-use super::store::{verify_pack, verify_pack_crc, PackStore};
+use super::store::{verify_pack, verify_pack_crc, LocalReadToken, PackStore};
 use crate::object::ObjectTier;
 
 /// Largest piece of frame data in one streamed reply message.
@@ -47,6 +47,8 @@ struct Inner {
     /// Held by DeletePack from its question to meta to the unlink, and by a
     /// restore while it checks and reuses a local copy.
     copies: tokio::sync::Mutex<()>,
+    /// Offered to clients on this host by `LocalReads`.
+    local_token: LocalReadToken,
 }
 
 fn now_ms() -> u64 {
@@ -82,6 +84,7 @@ impl ChunkService {
         objects: ObjectTier,
         meta: MetaClient,
         peers: ChunkPeers,
+        local_token: LocalReadToken,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -93,6 +96,7 @@ impl ChunkService {
                 peers,
                 reads: Mutex::new(HashMap::new()),
                 copies: tokio::sync::Mutex::new(()),
+                local_token,
             }),
         }
     }
@@ -654,6 +658,30 @@ impl Chunk for ChunkService {
             url: self.inner.objects.url().to_string(),
             node_default: self.inner.objects.is_node_default(),
         }))
+    }
+
+    async fn local_reads(
+        &self,
+        _: Request<LocalReadsRequest>,
+    ) -> Result<Response<LocalReadsReply>, Status> {
+        let t = &self.inner.local_token;
+        Ok(Response::new(LocalReadsReply {
+            packs_dir: self.inner.store.dir().to_string_lossy().into_owned(),
+            token_path: t.path.to_string_lossy().into_owned(),
+            token: t.token.clone(),
+        }))
+    }
+
+    async fn touch_packs(
+        &self,
+        req: Request<TouchPacksRequest>,
+    ) -> Result<Response<TouchPacksReply>, Status> {
+        let now = now_ms();
+        let mut reads = self.inner.reads.lock().expect("reads lock");
+        for id in req.into_inner().pack_ids {
+            reads.insert(id, now);
+        }
+        Ok(Response::new(TouchPacksReply {}))
     }
 
     async fn upload_pack(

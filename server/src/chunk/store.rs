@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use granary_core::pack::{PackReader, PackWriter, SealedPack};
@@ -37,18 +36,24 @@ impl PackStore {
             }
         }
         Ok(Self {
-            dir: dir.to_path_buf(),
+            // Absolute: `LocalReads` hands it to clients on this host.
+            dir: std::path::absolute(dir)?,
             sweep: Default::default(),
         })
     }
 
     fn shard(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("{:02x}", id % 256))
+        granary_core::pack::shard_dir(&self.dir, id)
+    }
+
+    /// The packs directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Where sealed pack `id` lives.
     pub fn sealed_path(&self, id: u64) -> PathBuf {
-        self.shard(id).join(format!("{id}.pack"))
+        granary_core::pack::sealed_pack_path(&self.dir, id)
     }
 
     fn open_path(&self, id: u64) -> PathBuf {
@@ -218,69 +223,10 @@ impl PackStore {
         std::fs::metadata(self.sealed_path(id)).ok().map(|m| m.len())
     }
 
-    /// Reads byte ranges of sealed pack `id` into one buffer, in order.
-    /// Ranges that follow each other in the pack are read with one `pread`.
+    /// Reads byte ranges of sealed pack `id` into one buffer, in order
+    /// ([`granary_core::pack::read_ranges`]: adjacent ranges in one `pread`).
     pub fn read_ranges(&self, id: u64, ranges: &[(u64, u32)]) -> io::Result<Vec<u8>> {
-        let path = self.sealed_path(id);
-        let file = File::open(&path)?;
-        let len = file.metadata()?.len();
-        let mut runs: Vec<(u64, usize)> = Vec::new();
-        for &(offset, n) in ranges {
-            if offset.checked_add(n as u64).is_none_or(|end| end > len) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("range {offset}+{n} is outside pack {id} ({len} bytes)"),
-                ));
-            }
-            match runs.last_mut() {
-                Some((o, l)) if *o + *l as u64 == offset => *l += n as usize,
-                _ => runs.push((offset, n as usize)),
-            }
-        }
-        let total: usize = runs.iter().map(|(_, l)| l).sum();
-        // Not zeroed first (that was 4% of a chunk server's CPU serving
-        // reads): each run is read into the spare capacity, and the length
-        // only ever covers what the reads filled.
-        let mut out: Vec<u8> = Vec::with_capacity(total);
-        for (offset, n) in runs {
-            let mut done = 0;
-            while done < n {
-                let at = out.len();
-                let spare = &mut out.spare_capacity_mut()[..n - done];
-                // SAFETY: `spare` is writable memory of `n - done` bytes
-                // owned by `out`; pread writes at most that many.
-                let got = unsafe {
-                    libc::pread(
-                        file.as_raw_fd(),
-                        spare.as_mut_ptr().cast(),
-                        spare.len(),
-                        (offset + done as u64) as libc::off_t,
-                    )
-                };
-                match got {
-                    0 => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!(
-                                "pack {id} ended at {} while reading {offset}+{n}",
-                                offset + done as u64
-                            ),
-                        ))
-                    }
-                    // SAFETY: the read initialised `got` more bytes.
-                    g if g > 0 => unsafe { out.set_len(at + g as usize) },
-                    _ => {
-                        let e = io::Error::last_os_error();
-                        if e.kind() != io::ErrorKind::Interrupted {
-                            return Err(e);
-                        }
-                        continue;
-                    }
-                }
-                done += got as usize;
-            }
-        }
-        Ok(out)
+        granary_core::pack::read_ranges(&self.sealed_path(id), ranges)
     }
 
     /// Bytes a pack session must leave free: 10% of the disk, at most 1 GiB,
@@ -402,6 +348,30 @@ pub async fn sweep_unregistered(
         }
     }
     removed
+}
+
+/// The proof a client on this host gives itself before reading this chunk
+/// server's packs directly: a random token, written at start to a file the
+/// `LocalReads` RPC names. A client that reads the same token there sees the
+/// same disk (a client elsewhere cannot, whatever paths it has).
+#[derive(Debug, Clone)]
+pub struct LocalReadToken {
+    pub path: PathBuf,
+    pub token: String,
+}
+
+impl LocalReadToken {
+    /// Writes a fresh token to `path` (temp file + rename).
+    pub fn write(path: &Path) -> io::Result<Self> {
+        let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &token)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            token,
+        })
+    }
 }
 
 #[cfg(test)]
