@@ -209,6 +209,24 @@ fn download_matches(addr: &str, version: &str, work: &Path, want: &Snapshot) -> 
     v
 }
 
+/// [`download_matches`] with local reads off (`GRANARY_LOCAL_READS=0`):
+/// every frame comes over `GetFrames` from a live chunk server, as for a
+/// client on another host.
+#[track_caller]
+fn download_matches_remotely(addr: &str, version: &str, work: &Path, want: &Snapshot) {
+    let dest = work.join("dl-remote");
+    let v = ok_json(
+        &format!("download {version} (no local reads)"),
+        granary_cmd(&["download", version, s(&dest), "--json", "--server", addr])
+            .env("GRANARY_LOCAL_READS", "0")
+            .output()
+            .expect("run granary"),
+    );
+    assert_eq!(u(&v, "local_bytes"), 0, "{v}");
+    assert_same(&format!("download of {version}"), want, &snapshot(&dest));
+    let _ = fs::remove_dir_all(&dest);
+}
+
 fn at(secs: i64, nanos: u32) -> SystemTime {
     if secs >= 0 {
         UNIX_EPOCH + Duration::new(secs as u64, nanos)
@@ -1062,12 +1080,18 @@ async fn three_nodes_replicate_every_pack_and_survive_a_lost_node() {
         );
     }
 
+    // On this host the client reads the packs from the nodes' disks.
+    let v = download_matches(&addr1, "rep", work.path(), &tree);
+    let stored: u64 = packs.iter().map(|p| p.bytes).sum();
+    assert!(u(&v, "local_bytes") > 0 && u(&v, "local_bytes") <= stored, "{v}");
+
     // Node 1 (the bootstrap node, most likely the leader) dies: downloads
-    // through node 2 still work, reading from the surviving replicas.
+    // through node 2 still work, reading from the surviving replicas (over
+    // the network: node 1's files are still on this host's disk).
     c.kill(1);
     c.wait_leader(&[2, 3], 20 * SEC).await;
-    download_matches(&c.addr(2), "rep@1", work.path(), &tree);
-    download_matches(&c.addr(3), "rep", work.path(), &tree);
+    download_matches_remotely(&c.addr(2), "rep@1", work.path(), &tree);
+    download_matches_remotely(&c.addr(3), "rep", work.path(), &tree);
     c.restart(1);
     c.wait_leader(&all, 20 * SEC).await;
     c.wait_converged(&all, 20 * SEC).await;

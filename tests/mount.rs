@@ -593,15 +593,18 @@ async fn reads_stay_correct_while_a_replica_holder_dies() {
     }
     assert!(led_by_3 > 0, "node 3 leads no pack chain: {packs:?}");
 
-    // No memory or disk cache: every read the kernel passes on is a fetch.
+    // No memory or disk cache: every read the kernel passes on is a fetch,
+    // and no local reads: node 3's files stay on this host's disk after it
+    // dies, a client on another host has only the network.
     let mnt = tmp.path().join("mnt");
     let cache = tmp.path().join("cache");
-    let m = MountGuard::mount_with(
+    let m = MountGuard::mount_with_env(
         &addrs,
         "ds@1",
         &mnt,
         &cache,
         &["--mem-cache", "0", "--cache-size", "0"],
+        &[("GRANARY_LOCAL_READS", "0")],
     );
 
     let files = Arc::new(files);

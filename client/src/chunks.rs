@@ -184,7 +184,8 @@ impl ChunkServers {
         let chunks = chunks.to_vec();
         let what = format!("the copy of pack {pack} in {}", path.display());
         let out = tokio::task::spawn_blocking(move || {
-            let data = read_ranges(&path, &ranges).map_err(|e| ClientError::Invalid(format!("{what}: {e}")))?;
+            let data =
+                read_ranges(&path, &ranges).map_err(|e| ClientError::Invalid(format!("{what}: {e}")))?;
             decode_frames(&[Bytes::from(data)], &chunks, &what)
         })
         .await
@@ -201,7 +202,10 @@ impl ChunkServers {
         {
             let mut touched = self.inner.touched.lock().expect("touched map lock");
             let key = (addr.to_string(), pack);
-            if touched.get(&key).is_some_and(|at| now.duration_since(*at) < TOUCH_EVERY) {
+            if touched
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < TOUCH_EVERY)
+            {
                 return;
             }
             touched.insert(key, now);
@@ -477,7 +481,11 @@ impl ChunkServers {
                 message: format!("chunk server {addr} returned {got} of {total} bytes of pack {pack}"),
             });
         }
-        decode_frames(&pieces, chunks, &format!("chunk server {addr}'s copy of pack {pack}"))
+        decode_frames(
+            &pieces,
+            chunks,
+            &format!("chunk server {addr}'s copy of pack {pack}"),
+        )
     }
 
     /// Fetches any chunks: locates them, groups them by pack and fetches each
@@ -649,7 +657,11 @@ impl PackStream {
 
 /// Verifies and decodes `chunks` from `pieces` (their frames, in order);
 /// `what` names the copy they came from in the error.
-fn decode_frames(pieces: &[Bytes], chunks: &[(ChunkId, Location)], what: &str) -> Result<Vec<Bytes>, ClientError> {
+fn decode_frames(
+    pieces: &[Bytes],
+    chunks: &[(ChunkId, Location)],
+    what: &str,
+) -> Result<Vec<Bytes>, ClientError> {
     let mut out = Vec::with_capacity(chunks.len());
     let mut frames = Frames {
         pieces,

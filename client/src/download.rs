@@ -33,6 +33,9 @@ pub struct DownloadReport {
     pub dirs: u64,
     pub symlinks: u64,
     pub bytes: u64,
+    /// Frame bytes read directly from the packs of chunk servers on this
+    /// host (local reads) rather than fetched from them.
+    pub local_bytes: u64,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> ClientError {
@@ -70,6 +73,7 @@ pub async fn download(
         )));
     }
     let mut report = DownloadReport::default();
+    let local_before = reader.chunk_servers().local_read_bytes();
     let mut dirs: Vec<(PathBuf, u32, Timestamp)> = Vec::new();
     let mut files: Vec<(PathBuf, TreeEntry)> = Vec::new();
     let mut stack: Vec<(PathBuf, TreeId)> = vec![(dest.to_path_buf(), reader.root())];
@@ -120,6 +124,7 @@ pub async fn download(
             .map_err(|e| io_err(&path, e))?;
         set_mtime(&path, mtime)?;
     }
+    report.local_bytes = reader.chunk_servers().local_read_bytes() - local_before;
     Ok(report)
 }
 

@@ -29,11 +29,11 @@ mod format;
 mod reader;
 mod writer;
 
+pub use files::{read_ranges, sealed_pack_path, shard_dir};
 pub use format::{
     encode_footer, parse_header, parse_index, IndexEntry, Trailer, INDEX_ENTRY_LEN, PACK_HEADER_LEN,
     PACK_MAGIC, PACK_VERSION, TRAILER_LEN, TRAILER_MAGIC,
 };
-pub use files::{read_ranges, sealed_pack_path, shard_dir};
 pub use reader::{PackReader, VerifyReport};
 pub use writer::{PackWriter, Recovery, SealedPack, DEFAULT_PACK_TARGET};
 

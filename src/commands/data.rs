@@ -181,7 +181,8 @@ pub fn download(args: &DownloadArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             json!({"version": format!("{}@{version}", r.dataset), "dir": args.dir, "files": report.files,
-                   "dirs": report.dirs, "symlinks": report.symlinks, "bytes": report.bytes, "seconds": secs})
+                   "dirs": report.dirs, "symlinks": report.symlinks, "bytes": report.bytes,
+                   "local_bytes": report.local_bytes, "seconds": secs})
         );
     } else {
         println!(

@@ -635,6 +635,19 @@ impl MountGuard {
     /// As [`MountGuard::mount`], with `extra` flags appended.
     #[track_caller]
     pub fn mount_with(addr: &str, version: &str, path: &Path, cache: &Path, extra: &[&str]) -> Self {
+        Self::mount_with_env(addr, version, path, cache, extra, &[])
+    }
+
+    /// As [`MountGuard::mount_with`], the mount running with `env` set.
+    #[track_caller]
+    pub fn mount_with_env(
+        addr: &str,
+        version: &str,
+        path: &Path,
+        cache: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         std::fs::create_dir_all(path).unwrap();
         let started = Instant::now();
         let mut args = vec![
@@ -647,7 +660,9 @@ impl MountGuard {
             s(cache),
         ];
         args.extend_from_slice(extra);
-        let o = granary(&args);
+        let mut cmd = granary_cmd(&args);
+        cmd.envs(env.iter().copied());
+        let o = cmd.output().expect("run granary mount");
         let g = MountGuard {
             path: path.to_path_buf(),
             cache: cache.to_path_buf(),

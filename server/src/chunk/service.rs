@@ -660,10 +660,7 @@ impl Chunk for ChunkService {
         }))
     }
 
-    async fn local_reads(
-        &self,
-        _: Request<LocalReadsRequest>,
-    ) -> Result<Response<LocalReadsReply>, Status> {
+    async fn local_reads(&self, _: Request<LocalReadsRequest>) -> Result<Response<LocalReadsReply>, Status> {
         let t = &self.inner.local_token;
         Ok(Response::new(LocalReadsReply {
             packs_dir: self.inner.store.dir().to_string_lossy().into_owned(),
