@@ -1,6 +1,8 @@
 //! Frame properties: round trips for both codecs, every corruption detected, no panics.
 
-use granary_core::frame::{decode_frame, encode_frame, frame_chunk, Codec, FrameHeader, FRAME_HEADER_LEN};
+use granary_core::frame::{
+    decode_frame, decode_frame_shared, encode_frame, frame_chunk, Codec, FrameHeader, FRAME_HEADER_LEN,
+};
 use granary_core::ChunkId;
 use proptest::prelude::*;
 
@@ -52,6 +54,21 @@ proptest! {
         frame[i] ^= mask;
         prop_assert!(decode_frame(&frame, None).is_err(), "flip at {} of {} not detected", i, frame.len());
         prop_assert!(decode_frame(&frame, Some(&id)).is_err());
+    }
+
+    /// Readers skip the CRC: whatever byte is flipped, they get an error or
+    /// exactly the chunk's bytes (a flipped CRC field), never other bytes.
+    #[test]
+    fn a_reader_never_gets_wrong_bytes(seed in any::<u64>(), len in 1usize..3000, lz4 in any::<bool>(), pos in any::<prop::sample::Index>(), mask in 1u8..=255) {
+        let data = if lz4 { compressible(seed, len.max(600)) } else { random(seed, len) };
+        let (id, mut frame) = frame_chunk(&data);
+        let i = pos.index(frame.len());
+        frame[i] ^= mask;
+        for expected in [None, Some(&id)] {
+            if let Ok(got) = decode_frame_shared(bytes::Bytes::from(frame.clone()), expected) {
+                prop_assert_eq!(&got[..], &data[..], "flip at {} of {}", i, frame.len());
+            }
+        }
     }
 
     #[test]
