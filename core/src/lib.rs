@@ -14,6 +14,7 @@
 //! | [`tree`] | canonical, content-addressed directory listings and spilled chunk lists |
 //! | [`ingest`] | the parallel walk → chunk → hash pipeline that turns a directory into trees |
 //! | [`name`] | dataset names and `NAME@N[:PATH]` references |
+//! | [`wire`] | HTTP/2 and gRPC limits every endpoint shares |
 //!
 //! Data flows through them in that order on upload: a file is cut by the
 //! [`chunker`], each chunk is named by its [`ChunkId`], encoded as a
@@ -27,6 +28,7 @@ pub mod ingest;
 pub mod name;
 pub mod pack;
 pub mod tree;
+pub mod wire;
 
 pub use chunker::{Chunker, ChunkerConfig};
 pub use frame::{Codec, FrameError, FrameHeader};

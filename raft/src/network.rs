@@ -15,14 +15,8 @@ use std::time::Duration;
 
 use tonic::transport::Endpoint;
 
-/// HTTP/2 windows: large client-streaming transfers need far more than the
-/// 64 KiB defaults (measured on loopback: ~0.23 GB/s with defaults, ~2 GB/s with these).
-pub const STREAM_WINDOW: u32 = 4 << 20;
-pub const CONNECTION_WINDOW: u32 = 8 << 20;
-/// Largest HTTP/2 frame either side accepts (default 16 KiB).
-pub const MAX_FRAME: u32 = 1 << 20;
-/// Largest gRPC message accepted (snapshot chunks, big batches).
-pub const MAX_MESSAGE: usize = 64 << 20;
+/// HTTP/2 and gRPC limits, shared with the client SDK and the servers.
+pub use granary_core::wire::{CONNECTION_WINDOW, MAX_FRAME, MAX_MESSAGE, STREAM_WINDOW};
 
 /// A lazily connecting endpoint for `host:port`.
 pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
