@@ -27,6 +27,26 @@ fn random(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// A chunk (compressible when `lz4`), its id, and its frame with the byte
+/// at `pos` xored with `mask`, and that byte's index.
+fn flipped(
+    seed: u64,
+    len: usize,
+    lz4: bool,
+    pos: prop::sample::Index,
+    mask: u8,
+) -> (Vec<u8>, ChunkId, Vec<u8>, usize) {
+    let data = if lz4 {
+        compressible(seed, len.max(600))
+    } else {
+        random(seed, len)
+    };
+    let (id, mut frame) = frame_chunk(&data);
+    let i = pos.index(frame.len());
+    frame[i] ^= mask;
+    (data, id, frame, i)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
@@ -48,10 +68,7 @@ proptest! {
 
     #[test]
     fn any_flipped_byte_is_detected(seed in any::<u64>(), len in 1usize..3000, lz4 in any::<bool>(), pos in any::<prop::sample::Index>(), mask in 1u8..=255) {
-        let data = if lz4 { compressible(seed, len.max(600)) } else { random(seed, len) };
-        let (id, mut frame) = frame_chunk(&data);
-        let i = pos.index(frame.len());
-        frame[i] ^= mask;
+        let (_, id, frame, i) = flipped(seed, len, lz4, pos, mask);
         prop_assert!(decode_frame(&frame, None).is_err(), "flip at {} of {} not detected", i, frame.len());
         prop_assert!(decode_frame(&frame, Some(&id)).is_err());
     }
@@ -60,10 +77,7 @@ proptest! {
     /// exactly the chunk's bytes (a flipped CRC field), never other bytes.
     #[test]
     fn a_reader_never_gets_wrong_bytes(seed in any::<u64>(), len in 1usize..3000, lz4 in any::<bool>(), pos in any::<prop::sample::Index>(), mask in 1u8..=255) {
-        let data = if lz4 { compressible(seed, len.max(600)) } else { random(seed, len) };
-        let (id, mut frame) = frame_chunk(&data);
-        let i = pos.index(frame.len());
-        frame[i] ^= mask;
+        let (data, id, frame, i) = flipped(seed, len, lz4, pos, mask);
         for expected in [None, Some(&id)] {
             if let Ok(got) = decode_frame_shared(bytes::Bytes::from(frame.clone()), expected) {
                 prop_assert_eq!(&got[..], &data[..], "flip at {} of {}", i, frame.len());
