@@ -1179,6 +1179,40 @@ async fn three_nodes_replicate_every_pack_and_survive_a_lost_node() {
     );
 }
 
+/// A client reads a chunk server's packs itself only when it reads the
+/// server's token from the file the server names: with the token file
+/// changed (as on another host, where that path holds something else or
+/// nothing), every byte comes from the server instead, and is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_reads_need_the_servers_token() {
+    let c = Cluster::start(1).await;
+    let addr = c.addr(1);
+    let work = tempdir();
+    let src = work.path().join("src");
+    let (_, total) = random_tree(&src, 2, 20, 100_000..400_000);
+    let tree = snapshot(&src);
+    upload_ok(&addr, &src, "lr", &[]);
+
+    let v = download_matches(&addr, "lr", work.path(), &tree);
+    assert!(
+        u(&v, "local_bytes") >= total,
+        "random data, all read locally: {v}"
+    );
+
+    let token = c.node(1).dir.join("local-read-token");
+    assert!(token.exists(), "{} is missing", token.display());
+    fs::write(&token, "another host's file").unwrap();
+    let v = download_matches(&addr, "lr", work.path(), &tree);
+    assert_eq!(
+        u(&v, "local_bytes"),
+        0,
+        "read locally without the server's token: {v}"
+    );
+    fs::remove_file(&token).unwrap();
+    let v = download_matches(&addr, "lr", work.path(), &tree);
+    assert_eq!(u(&v, "local_bytes"), 0, "read locally with no token file: {v}");
+}
+
 // ---------------------------------------------------------------------------
 // 5. Bad input: one clear line, nothing committed
 // ---------------------------------------------------------------------------
