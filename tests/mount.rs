@@ -272,18 +272,41 @@ async fn two_versions_warm_remount_corrupt_cache_and_prefetch() {
     let v2 = snapshot_without_mtimes(&src);
     assert_ne!(v1, v2);
 
+    // The embedded server's packs are on this host's disk: a mount reads
+    // them there and does not copy them into its disk cache.
+    let m1 = MountGuard::mount(&f.addr, "ds@1", &f.path("m1"), &f.path("cache-local"));
+    assert_eq!(snapshot_without_mtimes(&f.path("m1")), v1);
+    let local = m1.umount();
+    eprintln!("counters with local reads: {local}");
+    assert!(local["bytes_fetched"].as_u64().unwrap() > 0, "{local}");
+    assert_eq!(local["local_bytes"], local["bytes_fetched"], "{local}");
+    assert_eq!(local["disk_bytes"], 0, "{local}");
+
+    // The rest is about the disk cache, as on a host without a chunk server:
+    // local reads off.
+    let mount = |version: &str, at: &str, cache: &Path| {
+        MountGuard::mount_with_env(
+            &f.addr,
+            version,
+            &f.path(at),
+            cache,
+            &[],
+            &[("GRANARY_LOCAL_READS", "0")],
+        )
+    };
     // Both versions mounted at once, sharing one cache directory.
     let cache = f.path("cache");
-    let m1 = MountGuard::mount(&f.addr, "ds@1", &f.path("m1"), &cache);
-    let m2 = MountGuard::mount(&f.addr, "ds", &f.path("m2"), &cache);
+    let m1 = mount("ds@1", "m1", &cache);
+    let m2 = mount("ds", "m2", &cache);
     assert_eq!(snapshot_without_mtimes(&f.path("m1")), v1);
     assert_eq!(snapshot_without_mtimes(&f.path("m2")), v2);
     let s1 = m1.umount();
     let s2 = m2.umount();
     eprintln!("cold counters: v1 {s1}\nv2 {s2}");
+    assert_eq!(s1["local_bytes"], 0, "{s1}");
 
     // Remount: the disk cache holds everything, nothing comes from the server.
-    let m2 = MountGuard::mount(&f.addr, "ds@2", &f.path("m2"), &cache);
+    let m2 = mount("ds@2", "m2", &cache);
     let started = Instant::now();
     let total = read_everything(&f.path("m2"));
     eprintln!("warm read of {total} bytes: {:?}", started.elapsed());
@@ -308,8 +331,8 @@ async fn two_versions_warm_remount_corrupt_cache_and_prefetch() {
         }
     }
     assert!(damaged > 0);
-    let m2 = MountGuard::mount(&f.addr, "ds@2", &f.path("m2"), &cache);
-    let m1 = MountGuard::mount(&f.addr, "ds@1", &f.path("m1"), &cache);
+    let m2 = mount("ds@2", "m2", &cache);
+    let m1 = mount("ds@1", "m1", &cache);
     assert_eq!(snapshot_without_mtimes(&f.path("m2")), v2);
     assert_eq!(snapshot_without_mtimes(&f.path("m1")), v1);
     let a = m2.umount();

@@ -54,6 +54,14 @@ pub enum ReadPattern {
     Ahead,
 }
 
+/// Chunks fetched, in the order asked for, and which of them were read
+/// from the disk of a chunk server on this host.
+#[derive(Debug, Clone, Default)]
+pub struct Fetched {
+    pub chunks: Vec<Bytes>,
+    pub local: Vec<bool>,
+}
+
 /// Where a chunk is: its pack and frame position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
@@ -352,13 +360,14 @@ impl ChunkServers {
     /// Fetches, verifies and decodes chunks of one pack; `chunks` must fit in [`MAX_FETCH`].
     /// Tries each source in turn; when all fail, asks meta where the pack is
     /// now (a tier move may have just moved it) and tries once more.
-    /// Returns the raw chunks in order.
+    /// Returns the raw chunks in order, and whether they were read from a
+    /// chunk server's disk on this host (a local read).
     pub async fn fetch_from_pack(
         &self,
         pack: u64,
         chunks: &[(ChunkId, Location)],
         pattern: ReadPattern,
-    ) -> Result<Vec<Bytes>, ClientError> {
+    ) -> Result<(Vec<Bytes>, bool), ClientError> {
         let mut copies = self.copies(pack, false).await?;
         let mut refreshed = false;
         loop {
@@ -384,7 +393,7 @@ impl ChunkServers {
         copies: &PackCopies,
         chunks: &[(ChunkId, Location)],
         pattern: ReadPattern,
-    ) -> Result<Vec<Bytes>, ClientError> {
+    ) -> Result<(Vec<Bytes>, bool), ClientError> {
         let sources = self.sources(pack, copies).await?;
         if sources.is_empty() {
             return Err(ClientError::Server {
@@ -403,7 +412,7 @@ impl ChunkServers {
             }
             if let Some(dir) = self.local_dir(addr).await {
                 match self.read_local(&dir, addr, pack, chunks).await {
-                    Ok(v) => return Ok(v),
+                    Ok(v) => return Ok((v, true)),
                     // Damage is worth a warning; a pack that moved away is not.
                     Err(e @ ClientError::Server { .. }) => {
                         tracing::warn!(pack, addr, "local read failed, trying another copy: {e}")
@@ -427,7 +436,7 @@ impl ChunkServers {
             {
                 Ok(v) => {
                     self.inner.failed.lock().expect("failed map lock").remove(addr);
-                    return Ok(v);
+                    return Ok((v, false));
                 }
                 Err(e) => {
                     if sources.len() > 1 {
@@ -493,8 +502,16 @@ impl ChunkServers {
     /// When a pack cannot be read, its chunks are located again once (GC
     /// compaction may have just moved them to another pack).
     pub async fn fetch(&self, ids: &[ChunkId], pattern: ReadPattern) -> Result<Vec<Bytes>, ClientError> {
+        Ok(self.fetch_marked(ids, pattern).await?.chunks)
+    }
+
+    /// [`Self::fetch`], also saying which chunks were read from the disk of
+    /// a chunk server on this host (a cache on that same disk gains nothing
+    /// by copying those).
+    pub async fn fetch_marked(&self, ids: &[ChunkId], pattern: ReadPattern) -> Result<Fetched, ClientError> {
         let mut locations = self.locate(ids).await?;
         let mut out: Vec<Bytes> = vec![Bytes::new(); ids.len()];
+        let mut local = vec![false; ids.len()];
         let mut pending: Vec<usize> = (0..ids.len()).collect();
         for attempt in 0..2 {
             let mut by_pack: HashMap<u64, Vec<usize>> = HashMap::new();
@@ -508,9 +525,10 @@ impl ChunkServers {
                     let request: Vec<(ChunkId, Location)> =
                         group.iter().map(|&i| (ids[i], locations[&ids[i]])).collect();
                     match self.fetch_from_pack(pack, &request, pattern).await {
-                        Ok(raws) => {
+                        Ok((raws, here)) => {
                             for (&k, raw) in group.iter().zip(raws) {
                                 out[k] = raw;
+                                local[k] = here;
                             }
                         }
                         Err(e) if attempt == 0 => {
@@ -522,7 +540,7 @@ impl ChunkServers {
                 }
             }
             let Some(e) = first_error else {
-                return Ok(out);
+                return Ok(Fetched { chunks: out, local });
             };
             let again: Vec<ChunkId> = failed.iter().map(|&i| ids[i]).collect();
             let fresh = self.locate(&again).await?;
@@ -533,7 +551,7 @@ impl ChunkServers {
             locations.extend(fresh);
             pending = failed;
         }
-        Ok(out)
+        Ok(Fetched { chunks: out, local })
     }
 
     /// Opens a pack session: the frames go to `replicas[0]`, which forwards

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
+use granary_client::chunks::Fetched;
 use granary_core::{ChunkId, ChunkRef};
 use serde::{Deserialize, Serialize};
 
@@ -135,6 +136,8 @@ pub struct Stats {
     pub prefetched_chunks: AtomicU64,
     pub chunks_fetched: AtomicU64,
     pub bytes_fetched: AtomicU64,
+    /// Of `bytes_fetched`, read from the disk of a chunk server on this host.
+    pub local_bytes: AtomicU64,
     pub fetch_errors: AtomicU64,
     /// Disk cache files that did not match their chunk id (deleted, refetched).
     pub corrupt: AtomicU64,
@@ -154,6 +157,8 @@ pub struct StatsSnapshot {
     pub prefetched_chunks: u64,
     pub chunks_fetched: u64,
     pub bytes_fetched: u64,
+    #[serde(default)]
+    pub local_bytes: u64,
     pub fetch_errors: u64,
     pub corrupt: u64,
     pub mem_evictions: u64,
@@ -181,6 +186,7 @@ impl Stats {
             prefetched_chunks: g(&self.prefetched_chunks),
             chunks_fetched: g(&self.chunks_fetched),
             bytes_fetched: g(&self.bytes_fetched),
+            local_bytes: g(&self.local_bytes),
             fetch_errors: g(&self.fetch_errors),
             corrupt: g(&self.corrupt),
             mem_evictions: g(&self.mem_evictions),
@@ -215,15 +221,33 @@ pub struct ChunkCache {
     /// Disk writes queued (KiB permits taken by queued writes).
     pending: Arc<tokio::sync::Semaphore>,
     disk: Option<DiskCache>,
+    /// Whether chunks read from the disk of a chunk server on this host go
+    /// to the disk cache too (see [`Self::new`]).
+    copy_local: bool,
     inflight: Mutex<HashMap<ChunkId, (Batch, usize)>>,
 }
 
 impl ChunkCache {
+    /// A mount's cache. Chunks read from the disk of a chunk server on this
+    /// host (local reads) are not copied into the disk cache: they already
+    /// are on a disk here, and copying them would double the disk's writes
+    /// and the space they take.
     pub fn new(mem_cap: u64, disk: Option<DiskCache>) -> Arc<Self> {
+        Self::build(mem_cap, disk, false)
+    }
+
+    /// The cache `granary prefetch` fills: every chunk it fetches goes to
+    /// the disk cache, local reads included (the user asked for a warm cache).
+    pub fn prefetching(mem_cap: u64, disk: DiskCache) -> Arc<Self> {
+        Self::build(mem_cap, Some(disk), true)
+    }
+
+    fn build(mem_cap: u64, disk: Option<DiskCache>, copy_local: bool) -> Arc<Self> {
         Arc::new(Self {
             mem: Mutex::new(Lru::new(mem_cap)),
             pending: Arc::new(tokio::sync::Semaphore::new(PENDING_WRITES_KIB as usize)),
             disk,
+            copy_local,
             inflight: Mutex::new(HashMap::new()),
         })
     }
@@ -424,8 +448,9 @@ impl ChunkCache {
                 missing.len() as u64,
             );
             let just: Vec<ChunkId> = missing.iter().map(|&i| ids[i].id).collect();
-            let raws = source.fetch(&just, why).await?;
+            let Fetched { chunks: raws, local } = source.fetch(&just, why).await?;
             if raws.len() != just.len()
+                || local.len() != just.len()
                 || raws
                     .iter()
                     .zip(&missing)
@@ -437,17 +462,27 @@ impl ChunkCache {
             }
             add(&stats.chunks_fetched, raws.len() as u64);
             add(&stats.bytes_fetched, raws.iter().map(|b| b.len() as u64).sum());
+            add(
+                &stats.local_bytes,
+                raws.iter()
+                    .zip(&local)
+                    .filter(|(_, &l)| l)
+                    .map(|(b, _)| b.len() as u64)
+                    .sum(),
+            );
             let mut items = Vec::with_capacity(raws.len());
-            for (b, &i) in raws.into_iter().zip(&missing) {
+            for ((b, &i), here) in raws.into_iter().zip(&missing).zip(local) {
                 // With a disk cache, fetched chunks are staged: kept until
                 // read, then the disk cache (and the kernel's page cache of
                 // the file) hold them. Kept in memory as well they only
                 // filled it, a new page for every byte fetched.
                 self.mem_put(ids[i].id, b.clone(), self.disk.is_some(), stats);
-                items.push((ids[i].id, b.clone()));
+                if !here || self.copy_local {
+                    items.push((ids[i].id, b.clone()));
+                }
                 got[i] = Some(b);
             }
-            if self.disk.is_some() {
+            if self.disk.is_some() && !items.is_empty() {
                 // Written in the background: a read does not wait for the
                 // disk, unless more than PENDING_WRITES are already queued.
                 let kib: u64 = items

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use granary_client::chunks::Fetched;
 use granary_client::{ReadPattern, VersionReader};
 use granary_core::tree::{EntryData, FileContent};
 use granary_core::{ChunkId, ChunkRef, Tree, TreeEntry, TreeId};
@@ -31,8 +32,9 @@ pub trait Source: Send + Sync + 'static {
     /// A file entry's chunk list.
     fn chunk_list<'a>(&'a self, entry: &'a TreeEntry) -> BoxFuture<'a, Result<Vec<ChunkRef>, FsError>>;
     /// The raw bytes of `ids`, in order, for a read (`Want::Read`) or ahead
-    /// of one (`Want::Prefetch`). The implementation verifies them.
-    fn fetch<'a>(&'a self, ids: &'a [ChunkId], why: Want) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>>;
+    /// of one (`Want::Prefetch`), and which were read from the disk of a
+    /// chunk server on this host. The implementation verifies them.
+    fn fetch<'a>(&'a self, ids: &'a [ChunkId], why: Want) -> BoxFuture<'a, Result<Fetched, FsError>>;
 }
 
 /// A version read through the client SDK.
@@ -67,7 +69,7 @@ impl Source for ClientSource {
         Box::pin(async move { Ok(self.reader.chunk_list(entry).await?) })
     }
 
-    fn fetch<'a>(&'a self, ids: &'a [ChunkId], why: Want) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>> {
+    fn fetch<'a>(&'a self, ids: &'a [ChunkId], why: Want) -> BoxFuture<'a, Result<Fetched, FsError>> {
         // A prefetch says so: a chunk server reading the pack from the
         // object tier then fetches whole blocks from its first call on.
         let pattern = match why {
@@ -75,7 +77,7 @@ impl Source for ClientSource {
             Want::Prefetch => ReadPattern::Ahead,
         };
         // `ChunkServers::fetch` verifies every frame against its chunk id (BLAKE3).
-        Box::pin(async move { Ok(self.reader.chunk_servers().fetch(ids, pattern).await?) })
+        Box::pin(async move { Ok(self.reader.chunk_servers().fetch_marked(ids, pattern).await?) })
     }
 }
 
@@ -93,6 +95,8 @@ pub struct MemSource {
     pub chunks_fetched: AtomicU64,
     pub fail: AtomicBool,
     pub delay_ms: AtomicU64,
+    /// Report every chunk fetched as read from a chunk server's disk on this host.
+    pub local: AtomicBool,
 }
 
 impl Default for MemSource {
@@ -108,6 +112,7 @@ impl Default for MemSource {
             prefetch_calls: AtomicU64::new(0),
             chunks_fetched: AtomicU64::new(0),
             fail: AtomicBool::new(false),
+            local: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
         }
     }
@@ -157,7 +162,7 @@ impl Source for MemSource {
         })
     }
 
-    fn fetch<'a>(&'a self, ids: &'a [ChunkId], why: Want) -> BoxFuture<'a, Result<Vec<Bytes>, FsError>> {
+    fn fetch<'a>(&'a self, ids: &'a [ChunkId], why: Want) -> BoxFuture<'a, Result<Fetched, FsError>> {
         Box::pin(async move {
             self.fetch_calls.fetch_add(1, Ordering::Relaxed);
             if why == Want::Prefetch {
@@ -171,14 +176,17 @@ impl Source for MemSource {
                 return Err(FsError::Remote("injected failure".into()));
             }
             self.chunks_fetched.fetch_add(ids.len() as u64, Ordering::Relaxed);
-            ids.iter()
+            let chunks = ids
+                .iter()
                 .map(|id| {
                     self.chunks
                         .get(id)
                         .map(|c| Bytes::copy_from_slice(c))
                         .ok_or_else(|| FsError::Remote(format!("chunk {id} missing")))
                 })
-                .collect()
+                .collect::<Result<Vec<_>, _>>()?;
+            let local = vec![self.local.load(Ordering::Relaxed); chunks.len()];
+            Ok(Fetched { chunks, local })
         })
     }
 }

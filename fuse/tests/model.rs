@@ -389,6 +389,48 @@ fn warm_disk_cache_serves_everything_without_fetching() {
 }
 
 #[test]
+fn local_reads_are_not_copied_to_the_disk_cache_except_by_prefetch() {
+    let (src, data) = one_file(300_000, 1000);
+    src.local.store(true, Ordering::Relaxed);
+    let src: Arc<dyn Source> = Arc::new(src);
+    let r = rt();
+    // A mount reads chunks from a chunk server's disk on this host: they
+    // are counted as local and the disk cache stays empty.
+    let tmp = tempfile::tempdir().unwrap();
+    r.block_on(async {
+        let cache = ChunkCache::new(1 << 20, Some(DiskCache::open(tmp.path(), 1 << 20).unwrap()));
+        let fs = GranaryFs::new(src.clone(), cache.clone(), FsConfig::default());
+        let fh = fs
+            .open(fs.lookup(ROOT_INO, b"f").await.unwrap().ino)
+            .await
+            .unwrap();
+        assert_eq!(fs.read(fh, 0, 400_000).await.unwrap(), data);
+        cache.flush().await;
+        let s = fs.stats().snapshot();
+        assert_eq!((s.bytes_fetched, s.local_bytes), (300_000, 300_000), "{s:?}");
+        assert_eq!(cache.disk().unwrap().usage().0, 0);
+        cache.close().await;
+    });
+    // `granary prefetch`'s cache keeps them: that is what it is for.
+    let tmp = tempfile::tempdir().unwrap();
+    r.block_on(async {
+        let cache = ChunkCache::prefetching(0, DiskCache::open(tmp.path(), 1 << 20).unwrap());
+        let fs = GranaryFs::new(src.clone(), cache.clone(), FsConfig::default());
+        let ino = fs.lookup(ROOT_INO, b"f").await.unwrap().ino;
+        let chunks = fs.chunks_of(ino).await.unwrap();
+        let stats = Arc::default();
+        cache
+            .get_many(&src, &chunks, Want::Prefetch, &stats)
+            .await
+            .unwrap();
+        cache.flush().await;
+        assert!(chunks.iter().all(|c| cache.is_cached(&c.id)));
+        assert!(cache.disk().unwrap().usage().0 >= 300_000);
+        cache.close().await;
+    });
+}
+
+#[test]
 fn chunks_readahead_takes_from_disk_stay_in_memory_only_until_read() {
     let (src, data) = one_file(300_000, 1000);
     let tmp = tempfile::tempdir().unwrap();

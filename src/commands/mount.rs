@@ -523,7 +523,7 @@ pub fn prefetch(args: &PrefetchArgs) -> anyhow::Result<()> {
         }
         let mut seen = HashSet::new();
         chunks.retain(|c| seen.insert(c.id));
-        let cache = ChunkCache::new(0, Some(disk));
+        let cache = ChunkCache::prefetching(0, disk);
         let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
         let todo: Vec<ChunkRef> = chunks
             .iter()

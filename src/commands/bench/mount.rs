@@ -6,7 +6,9 @@
 //!
 //! Cases: (a) sequential read of every big file, cold (kernel page cache
 //! dropped, fresh mount caches); (b) the same with granary's disk cache warm,
-//! on a fresh mount; (c) a second read with the kernel page cache warm;
+//! on a fresh mount (the mount reads the embedded server's packs from their
+//! files on this host and does not copy them into its disk cache, so the
+//! cache is warmed with `granary prefetch` after (a)); (c) a second read with the kernel page cache warm;
 //! (d) a random subset of the big files in random order, disk caches warm,
 //! kernel cache dropped; (e) every small file, cold, as files/s, and (e') the
 //! same on a fresh mount with the disk caches warm. Plus the mount process's
@@ -403,6 +405,32 @@ pub fn run(args: &BenchMountArgs) -> anyhow::Result<()> {
         record("e", "granary", rate(s, b, small.len(), true));
         eprintln!("  mount peak RSS {} MiB", m.peak_rss() >> 20);
         peak_rss = peak_rss.max(m.peak_rss());
+    }
+    // A mount on the chunk server's host reads its pack files directly and
+    // leaves the disk cache empty; `granary prefetch` fills it (unmeasured).
+    if parse_size(&args.cache_size)? > 0 {
+        eprintln!("granary prefetch (warms the disk cache)");
+        let out = Command::new(&exe)
+            .args([
+                "prefetch",
+                "bench",
+                "--server",
+                &addr,
+                "--cache-size",
+                &args.cache_size,
+            ])
+            .arg("--cache-dir")
+            .arg(&cache)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .context("running granary prefetch")?;
+        if !out.status.success() {
+            bail!(
+                "granary prefetch failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
     }
     {
         eprintln!("granary mount, warm disk cache");
