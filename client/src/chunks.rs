@@ -191,7 +191,7 @@ impl ChunkServers {
         let total: u64 = ranges.iter().map(|(_, n)| *n as u64).sum();
         let chunks = chunks.to_vec();
         let what = format!("the copy of pack {pack} in {}", path.display());
-        let out = tokio::task::spawn_blocking(move || {
+        let out = crate::blocking::unblock(move || {
             let data =
                 read_ranges(&path, &ranges).map_err(|e| ClientError::Invalid(format!("{what}: {e}")))?;
             decode_frames(&[Bytes::from(data)], &chunks, &what)

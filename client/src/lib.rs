@@ -16,6 +16,7 @@
 //! | [`diff`] | what changed between two versions |
 //! | [`error`] | [`ClientError`]: one readable line per failure |
 
+pub mod blocking;
 pub mod chunks;
 pub mod client;
 pub mod diff;

@@ -419,7 +419,9 @@ impl ChunkCache {
             let this = self.clone();
             let list: Vec<ChunkId> = ids.iter().map(|c| c.id).collect();
             let st = stats.clone();
-            let found = tokio::task::spawn_blocking(move || {
+            // Inline on a fuser thread's first poll of a request (see
+            // `granary_client::blocking`), else on the blocking pool.
+            let found = granary_client::blocking::unblock(move || {
                 let disk = this.disk.as_ref().expect("disk cache");
                 disk.get_many(&list, &st)
             })
