@@ -464,26 +464,24 @@ impl ChunkCache {
             }
             add(&stats.chunks_fetched, raws.len() as u64);
             add(&stats.bytes_fetched, raws.iter().map(|b| b.len() as u64).sum());
-            add(
-                &stats.local_bytes,
-                raws.iter()
-                    .zip(&local)
-                    .filter(|(_, &l)| l)
-                    .map(|(b, _)| b.len() as u64)
-                    .sum(),
-            );
             let mut items = Vec::with_capacity(raws.len());
+            let mut local_bytes = 0;
             for ((b, &i), here) in raws.into_iter().zip(&missing).zip(local) {
                 // With a disk cache, fetched chunks are staged: kept until
-                // read, then the disk cache (and the kernel's page cache of
-                // the file) hold them. Kept in memory as well they only
-                // filled it, a new page for every byte fetched.
+                // read, then the disk cache (or, for a local read, the pack
+                // file it came from) and the kernel's page cache of that
+                // file hold them. Kept in memory as well they only filled
+                // it, a new page for every byte fetched.
                 self.mem_put(ids[i].id, b.clone(), self.disk.is_some(), stats);
+                if here {
+                    local_bytes += b.len() as u64;
+                }
                 if !here || self.copy_local {
                     items.push((ids[i].id, b.clone()));
                 }
                 got[i] = Some(b);
             }
+            add(&stats.local_bytes, local_bytes);
             if self.disk.is_some() && !items.is_empty() {
                 // Written in the background: a read does not wait for the
                 // disk, unless more than PENDING_WRITES are already queued.

@@ -8,8 +8,8 @@
 //! dropped, fresh mount caches); (b) the same with granary's disk cache warm,
 //! on a fresh mount (the mount reads the embedded server's packs from their
 //! files on this host and does not copy them into its disk cache, so the
-//! cache is warmed with `granary prefetch` after (a)); (c) a second read with the kernel page cache warm;
-//! (d) a random subset of the big files in random order, disk caches warm,
+//! cache is warmed with `granary prefetch` after (a)); (c) a second read
+//! with the kernel page cache warm; (d) a random subset of the big files in random order, disk caches warm,
 //! kernel cache dropped; (e) every small file, cold, as files/s, and (e') the
 //! same on a fresh mount with the disk caches warm. Plus the mount process's
 //! peak RSS (VmHWM). The local copy is the generated data directory itself,
