@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use granary_server::object::ObjectTier;
+use granary_client::object::ObjectTier;
 use serde_json::Value;
 
 const SEC: Duration = Duration::from_secs(1);

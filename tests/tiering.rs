@@ -26,7 +26,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use granary_server::object::ObjectTier;
+use granary_client::object::ObjectTier;
 use serde_json::Value;
 
 const SEC: Duration = Duration::from_secs(1);
@@ -218,15 +218,32 @@ fn source_tree(work: &Path, seed: u64) -> (PathBuf, Snapshot) {
 /// Downloads `version` into the fresh directory `dest` and compares it with `want`.
 #[track_caller]
 fn download_same(addr: &str, version: &str, dest: &Path, want: &Snapshot) {
-    ok(
-        &format!("download {version}"),
-        granary(&["download", version, s(dest), "--server", addr]),
-    );
+    download_with(addr, version, dest, want, &[], &[]);
+}
+
+/// [`download_same`] with `set` added to and `unset` removed from the
+/// client's environment; returns the `--json` report.
+#[track_caller]
+fn download_with(
+    addr: &str,
+    version: &str,
+    dest: &Path,
+    want: &Snapshot,
+    set: &[(&str, &str)],
+    unset: &[&str],
+) -> Value {
+    let mut cmd = granary_cmd(&["download", version, s(dest), "--server", addr, "--json"]);
+    cmd.envs(set.iter().copied());
+    for k in unset {
+        cmd.env_remove(k);
+    }
+    let report = ok_json(&format!("download {version}"), cmd.output().expect("run granary"));
     assert_same(
         &format!("download of {version}"),
         want,
         &snapshot_without_mtimes(dest),
     );
+    report
 }
 
 // ---------------------------------------------------------------------------
@@ -234,9 +251,10 @@ fn download_same(addr: &str, version: &str, dest: &Path, want: &Snapshot) {
 // ---------------------------------------------------------------------------
 
 /// Mounts `version` with a fresh cache (so every byte comes from the
-/// servers), compares the whole tree with `want`, unmounts.
+/// servers), compares the whole tree with `want`, unmounts. Returns the
+/// mount's final counters.
 #[track_caller]
-fn mount_same(addr: &str, version: &str, work: &Path, tag: &str, want: &Snapshot) {
+fn mount_same(addr: &str, version: &str, work: &Path, tag: &str, want: &Snapshot) -> Value {
     let mnt = work.join(format!("mnt-{tag}"));
     let m = MountGuard::mount(addr, version, &mnt, &work.join(format!("mount-cache-{tag}")));
     assert_same(
@@ -244,7 +262,7 @@ fn mount_same(addr: &str, version: &str, work: &Path, tag: &str, want: &Snapshot
         want,
         &snapshot_without_mtimes(&mnt),
     );
-    m.unmount();
+    m.umount()
 }
 
 fn workdir() -> tempfile::TempDir {
@@ -304,8 +322,40 @@ async fn move_to_object_and_back(url: &str) {
         assert_eq!(files.len() as u64, packs, "{files:?}");
         assert_eq!(files.iter().map(|(_, len)| len).sum::<u64>(), bytes);
     }
-    download_same(&addr, "ds@1", &work.join("dl-object"), &want);
-    mount_same(&addr, "ds@1", work, "object", &want);
+    // Clients read the object tier themselves: the tier is a directory on
+    // this host, or an S3 server whose AWS_* variables they have too.
+    let direct = download_with(&addr, "ds@1", &work.join("dl-object"), &want, &[], &[]);
+    assert!(
+        n(&direct, "object_bytes") > 0 && n(&direct, "object_bytes") <= bytes,
+        "read directly from the object tier: {direct}"
+    );
+    let stats = mount_same(&addr, "ds@1", work, "object", &want);
+    assert!(
+        n(&stats, "object_bytes") > 0,
+        "the mount read the object tier directly: {stats}"
+    );
+    // Through the chunk server when told to, or when the client cannot
+    // open the tier (no credentials for S3).
+    let via = download_with(
+        &addr,
+        "ds@1",
+        &work.join("dl-object-via-server"),
+        &want,
+        &[("GRANARY_OBJECT_READS", "server")],
+        &[],
+    );
+    assert_eq!(n(&via, "object_bytes"), 0, "{via}");
+    if url.starts_with("s3://") {
+        let no_creds = download_with(
+            &addr,
+            "ds@1",
+            &work.join("dl-object-no-credentials"),
+            &want,
+            &[],
+            &["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+        );
+        assert_eq!(n(&no_creds, "object_bytes"), 0, "{no_creds}");
+    }
 
     // Moving it again queues nothing.
     let again = tier_json(&addr, &["move", "ds", "--to", "object"]);
@@ -335,7 +385,8 @@ async fn move_to_object_and_back(url: &str) {
         }
     })
     .await;
-    download_same(&addr, "ds@1", &work.join("dl-ssd"), &want);
+    let back = download_with(&addr, "ds@1", &work.join("dl-ssd"), &want, &[], &[]);
+    assert_eq!(n(&back, "object_bytes"), 0, "back on SSD: {back}");
     mount_same(&addr, "ds@1", work, "ssd", &want);
     eprintln!("move_to_object_and_back({url}) took {:?}", started.elapsed());
 }

@@ -10,6 +10,23 @@
 //! to `GetFrames`. Reads are reported to the chunk server (`TouchPacks`, at
 //! most every 30 s per pack) so the tiering policy sees the pack read.
 //! `GRANARY_LOCAL_READS=0` turns them off.
+//!
+//! **Direct object-tier reads.** A pack that is only in the object tier is
+//! read from there by the client itself, through its own block cache
+//! ([`ObjectBlocks`]), instead of by a chunk server that then forwards the
+//! bytes over gRPC: the object store serves every reader, and no chunk
+//! server's CPU or network sits in the way. The client learns the tier's
+//! URL from a chunk server (`ObjectStore`) and opens it with
+//! [`ObjectTier::for_reads`]: an `s3://` tier with the `AWS_*` variables of
+//! its own environment (no credentials there: no direct reads), a
+//! `file://` tier only when the directory is on this host (a chunk server's
+//! default `DATA_DIR/objects` only when that server is on this host). Every
+//! frame is verified as from a chunk server. When the tier cannot be
+//! opened or a direct read fails, reads go through chunk servers (which
+//! read the object tier themselves) and the client tries again after
+//! [`AVOID_FAILED`]. Reads are reported like local reads (`TouchPacks`), so
+//! the tiering policy sees hot object-tier packs. `GRANARY_OBJECT_READS=server`
+//! turns direct reads off.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,11 +45,13 @@ use tonic::transport::Channel;
 
 use crate::chunk_proto::chunk_client::ChunkClient;
 use crate::chunk_proto::{
-    FrameRange, GetFramesRequest, LocalReadsRequest, PackSession, TouchPacksRequest, WritePackReply,
-    WritePackRequest,
+    FrameRange, GetFramesRequest, LocalReadsRequest, ObjectStoreRequest, PackSession, TouchPacksRequest,
+    WritePackReply, WritePackRequest,
 };
 use crate::error::ClientError;
 use crate::meta::MetaClient;
+use crate::object::{ObjectError, ObjectTier};
+use crate::object_blocks::ObjectBlocks;
 use crate::proto::{ChunkLocation, NodeInfo};
 
 /// Largest frame data asked of a chunk server in one call.
@@ -60,6 +79,19 @@ pub enum ReadPattern {
 pub struct Fetched {
     pub chunks: Vec<Bytes>,
     pub local: Vec<bool>,
+    /// Frame bytes of these chunks read directly from the object tier.
+    pub object_bytes: u64,
+}
+
+/// Where the chunks of one pack were read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From a chunk server, over gRPC.
+    Server,
+    /// From the disk of a chunk server on this host (a local read).
+    Local,
+    /// From the object tier, directly.
+    Object,
 }
 
 /// Where a chunk is: its pack and frame position.
@@ -103,6 +135,31 @@ struct Inner {
     touched: Mutex<HashMap<(String, u64), Instant>>,
     /// Frame bytes read directly from local chunk servers' packs.
     local_bytes: AtomicU64,
+    /// `GRANARY_OBJECT_READS=server`: object-tier packs are read through chunk servers.
+    no_object_reads: bool,
+    /// The object tier as this client reads it directly.
+    objects: tokio::sync::Mutex<ObjectReads>,
+    /// Frame bytes read directly from the object tier.
+    object_bytes: AtomicU64,
+    /// Memory for the block cache of direct object-tier reads.
+    object_cache: AtomicU64,
+}
+
+/// The default memory for the block cache of direct object-tier reads.
+pub const OBJECT_CACHE: u64 = crate::object_blocks::CACHED_BLOCKS as u64 * crate::object_blocks::BLOCK;
+/// Fewer cached blocks than this: no direct object-tier reads.
+const MIN_OBJECT_BLOCKS: u64 = 4;
+
+/// Whether this client reads the object tier directly (see the module docs).
+#[derive(Default)]
+enum ObjectReads {
+    /// Not looked up yet.
+    #[default]
+    Unknown,
+    /// Through chunk servers, until the time given (then looked up again).
+    Off(Instant),
+    /// Directly, through this block cache.
+    On(Arc<ObjectBlocks>),
 }
 
 /// How often a pack read locally is reported to its chunk server, at most.
@@ -128,12 +185,163 @@ fn server_err(addr: &str, s: tonic::Status) -> ClientError {
 impl ChunkServers {
     pub fn new(meta: MetaClient) -> Self {
         let no_local_reads = std::env::var("GRANARY_LOCAL_READS").is_ok_and(|v| v == "0");
+        let no_object_reads = std::env::var("GRANARY_OBJECT_READS").is_ok_and(|v| v == "server");
         Self {
             meta,
             inner: Arc::new(Inner {
                 no_local_reads,
+                no_object_reads,
+                object_cache: AtomicU64::new(OBJECT_CACHE),
                 ..Inner::default()
             }),
+        }
+    }
+
+    /// Sets the memory the block cache of direct object-tier reads may use
+    /// ([`OBJECT_CACHE`] by default). Below 4 blocks (64 MiB) this client
+    /// reads the object tier through chunk servers. Takes effect when the
+    /// tier is next opened (at the first object-tier read). Returns the
+    /// memory the cache may use: `bytes` in whole blocks, or 0.
+    pub fn set_object_cache(&self, bytes: u64) -> u64 {
+        let blocks = bytes / crate::object_blocks::BLOCK;
+        let bytes = if blocks < MIN_OBJECT_BLOCKS {
+            0
+        } else {
+            blocks * crate::object_blocks::BLOCK
+        };
+        self.inner.object_cache.store(bytes, Ordering::Relaxed);
+        bytes
+    }
+
+    /// Frame bytes this client has read directly from the object tier.
+    pub fn object_read_bytes(&self) -> u64 {
+        self.inner.object_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The block cache this client reads the object tier through, when it
+    /// reads it directly (looked up once, again [`AVOID_FAILED`] after a
+    /// failure).
+    async fn object_reader(&self) -> Option<Arc<ObjectBlocks>> {
+        let blocks = self.inner.object_cache.load(Ordering::Relaxed) / crate::object_blocks::BLOCK;
+        if self.inner.no_object_reads || blocks == 0 {
+            return None;
+        }
+        let mut state = self.inner.objects.lock().await;
+        match &*state {
+            ObjectReads::On(blocks) => return Some(blocks.clone()),
+            ObjectReads::Off(until) if Instant::now() < *until => return None,
+            _ => {}
+        }
+        match self.open_object_tier().await {
+            Ok(tier) => {
+                tracing::debug!(url = tier.url(), "reading the object tier directly");
+                let blocks = Arc::new(ObjectBlocks::with_blocks(tier, blocks as usize));
+                *state = ObjectReads::On(blocks.clone());
+                Some(blocks)
+            }
+            Err(why) => {
+                tracing::debug!("reading the object tier through chunk servers: {why}");
+                *state = ObjectReads::Off(Instant::now() + AVOID_FAILED);
+                None
+            }
+        }
+    }
+
+    /// The object tier, opened for reads, as the first chunk server that
+    /// answers names it.
+    async fn open_object_tier(&self) -> Result<ObjectTier, String> {
+        if self.inner.chunk_nodes.read().expect("lock").is_empty() {
+            self.refresh_nodes().await.map_err(|e| e.to_string())?;
+        }
+        let nodes = self.inner.chunk_nodes.read().expect("lock").clone();
+        let mut why = "no chunk server is known".to_string();
+        for addr in &nodes {
+            let reply = match self.client(addr) {
+                Ok(mut c) => c.object_store(ObjectStoreRequest {}).await,
+                Err(e) => {
+                    why = e.to_string();
+                    continue;
+                }
+            };
+            match reply {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if r.node_default && self.local_dir(addr).await.is_none() {
+                        why = format!(
+                            "the object tier is chunk server {addr}'s own directory, not on this host"
+                        );
+                        continue;
+                    }
+                    return ObjectTier::for_reads(&r.url).map_err(|e| e.to_string());
+                }
+                Err(s) => why = server_err(addr, s).to_string(),
+            }
+        }
+        Err(why)
+    }
+
+    /// Reads and verifies `chunks` of `pack` from its object-tier copy `key`
+    /// through `blocks`; `touch`: a chunk server to report the read to.
+    async fn read_object(
+        &self,
+        blocks: &ObjectBlocks,
+        pack: u64,
+        key: &str,
+        chunks: &[(ChunkId, Location)],
+        pattern: ReadPattern,
+        touch: Option<&str>,
+    ) -> Result<Vec<Bytes>, ObjectError> {
+        let ranges: Vec<(u64, u32)> = chunks.iter().map(|(_, l)| (l.offset, l.frame_len())).collect();
+        let data = blocks
+            .get_ranges(key, &ranges, pattern == ReadPattern::Ahead)
+            .await?;
+        let out = decode_frames(
+            &[Bytes::from(data)],
+            chunks,
+            &format!("the object-tier copy of pack {pack} ({key})"),
+        )
+        .map_err(|e| ObjectError::Failed {
+            url: String::new(),
+            op: "get",
+            key: key.to_string(),
+            message: e.to_string(),
+        })?;
+        let total: u64 = ranges.iter().map(|(_, n)| u64::from(*n)).sum();
+        self.inner.object_bytes.fetch_add(total, Ordering::Relaxed);
+        if let Some(addr) = touch {
+            self.touch(addr, pack);
+        }
+        Ok(out)
+    }
+
+    /// [`Self::read_object`] when this client reads the object tier
+    /// directly; `None` when it does not, or the read failed (then it reads
+    /// through chunk servers for a while, unless the object was missing:
+    /// the pack moved, which the caller's retry finds out).
+    async fn try_read_object(
+        &self,
+        pack: u64,
+        key: &str,
+        chunks: &[(ChunkId, Location)],
+        pattern: ReadPattern,
+        touch: Option<&str>,
+    ) -> Option<Vec<Bytes>> {
+        let blocks = self.object_reader().await?;
+        match self.read_object(&blocks, pack, key, chunks, pattern, touch).await {
+            Ok(v) => Some(v),
+            Err(e @ ObjectError::NotFound { .. }) => {
+                tracing::debug!(pack, "object-tier copy not found, asking chunk servers: {e}");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(
+                    pack,
+                    "reading the object tier directly failed, reading through chunk servers for {}s: {e}",
+                    AVOID_FAILED.as_secs()
+                );
+                *self.inner.objects.lock().await = ObjectReads::Off(Instant::now() + AVOID_FAILED);
+                None
+            }
         }
     }
 
@@ -281,6 +489,23 @@ impl ChunkServers {
         Ok(out)
     }
 
+    /// Asks meta for the nodes: their addresses, and which are chunk servers.
+    async fn refresh_nodes(&self) -> Result<(), ClientError> {
+        let nodes = self.meta.list_nodes().await?;
+        let mut chunk_nodes: Vec<String> = nodes
+            .iter()
+            .filter(|n| n.roles.iter().any(|r| r == "chunk"))
+            .map(|n| n.addr.clone())
+            .collect();
+        chunk_nodes.sort();
+        *self.inner.chunk_nodes.write().expect("lock") = chunk_nodes;
+        let mut map = self.inner.nodes.write().expect("node cache lock");
+        for n in nodes {
+            map.insert(n.id, n.addr);
+        }
+        Ok(())
+    }
+
     /// Where `pack`'s copies are (cached; `refresh` asks meta again).
     async fn copies(&self, pack: u64, refresh: bool) -> Result<PackCopies, ClientError> {
         if !refresh {
@@ -309,18 +534,7 @@ impl ChunkServers {
         let need_nodes = !copies.replicas.iter().all(known)
             || (!copies.object_key.is_empty() && self.inner.chunk_nodes.read().expect("lock").is_empty());
         if need_nodes {
-            let nodes = self.meta.list_nodes().await?;
-            let mut chunk_nodes: Vec<String> = nodes
-                .iter()
-                .filter(|n| n.roles.iter().any(|r| r == "chunk"))
-                .map(|n| n.addr.clone())
-                .collect();
-            chunk_nodes.sort();
-            *self.inner.chunk_nodes.write().expect("lock") = chunk_nodes;
-            let mut map = self.inner.nodes.write().expect("node cache lock");
-            for n in nodes {
-                map.insert(n.id, n.addr);
-            }
+            self.refresh_nodes().await?;
         }
         let mut out: Vec<String> = {
             let nodes = self.inner.nodes.read().expect("node cache lock");
@@ -360,14 +574,13 @@ impl ChunkServers {
     /// Fetches, verifies and decodes chunks of one pack; `chunks` must fit in [`MAX_FETCH`].
     /// Tries each source in turn; when all fail, asks meta where the pack is
     /// now (a tier move may have just moved it) and tries once more.
-    /// Returns the raw chunks in order, and whether they were read from a
-    /// chunk server's disk on this host (a local read).
+    /// Returns the raw chunks in order, and where they were read.
     pub async fn fetch_from_pack(
         &self,
         pack: u64,
         chunks: &[(ChunkId, Location)],
         pattern: ReadPattern,
-    ) -> Result<(Vec<Bytes>, bool), ClientError> {
+    ) -> Result<(Vec<Bytes>, Origin), ClientError> {
         let mut copies = self.copies(pack, false).await?;
         let mut refreshed = false;
         loop {
@@ -393,8 +606,19 @@ impl ChunkServers {
         copies: &PackCopies,
         chunks: &[(ChunkId, Location)],
         pattern: ReadPattern,
-    ) -> Result<(Vec<Bytes>, bool), ClientError> {
+    ) -> Result<(Vec<Bytes>, Origin), ClientError> {
         let sources = self.sources(pack, copies).await?;
+        // Only in the object tier: read it directly, if this client can.
+        let object_only = copies.replicas.is_empty() && !copies.object_key.is_empty();
+        if object_only {
+            let touch = sources.first().map(String::as_str);
+            if let Some(v) = self
+                .try_read_object(pack, &copies.object_key, chunks, pattern, touch)
+                .await
+            {
+                return Ok((v, Origin::Object));
+            }
+        }
         if sources.is_empty() {
             return Err(ClientError::Server {
                 code: tonic::Code::Unavailable,
@@ -412,7 +636,7 @@ impl ChunkServers {
             }
             if let Some(dir) = self.local_dir(addr).await {
                 match self.read_local(&dir, addr, pack, chunks).await {
-                    Ok(v) => return Ok((v, true)),
+                    Ok(v) => return Ok((v, Origin::Local)),
                     // Damage is worth a warning; a pack that moved away is not.
                     Err(e @ ClientError::Server { .. }) => {
                         tracing::warn!(pack, addr, "local read failed, trying another copy: {e}")
@@ -436,7 +660,7 @@ impl ChunkServers {
             {
                 Ok(v) => {
                     self.inner.failed.lock().expect("failed map lock").remove(addr);
-                    return Ok((v, false));
+                    return Ok((v, Origin::Server));
                 }
                 Err(e) => {
                     if sources.len() > 1 {
@@ -512,6 +736,7 @@ impl ChunkServers {
         let mut locations = self.locate(ids).await?;
         let mut out: Vec<Bytes> = vec![Bytes::new(); ids.len()];
         let mut local = vec![false; ids.len()];
+        let mut object_bytes = 0;
         let mut pending: Vec<usize> = (0..ids.len()).collect();
         for attempt in 0..2 {
             let mut by_pack: HashMap<u64, Vec<usize>> = HashMap::new();
@@ -525,10 +750,14 @@ impl ChunkServers {
                     let request: Vec<(ChunkId, Location)> =
                         group.iter().map(|&i| (ids[i], locations[&ids[i]])).collect();
                     match self.fetch_from_pack(pack, &request, pattern).await {
-                        Ok((raws, here)) => {
+                        Ok((raws, origin)) => {
+                            if origin == Origin::Object {
+                                object_bytes +=
+                                    request.iter().map(|(_, l)| u64::from(l.frame_len())).sum::<u64>();
+                            }
                             for (&k, raw) in group.iter().zip(raws) {
                                 out[k] = raw;
-                                local[k] = here;
+                                local[k] = origin == Origin::Local;
                             }
                         }
                         Err(e) if attempt == 0 => {
@@ -540,7 +769,11 @@ impl ChunkServers {
                 }
             }
             let Some(e) = first_error else {
-                return Ok(Fetched { chunks: out, local });
+                return Ok(Fetched {
+                    chunks: out,
+                    local,
+                    object_bytes,
+                });
             };
             let again: Vec<ChunkId> = failed.iter().map(|&i| ids[i]).collect();
             let fresh = self.locate(&again).await?;
@@ -551,7 +784,11 @@ impl ChunkServers {
             locations.extend(fresh);
             pending = failed;
         }
-        Ok(Fetched { chunks: out, local })
+        Ok(Fetched {
+            chunks: out,
+            local,
+            object_bytes,
+        })
     }
 
     /// Opens a pack session: the frames go to `replicas[0]`, which forwards

@@ -36,6 +36,9 @@ pub struct DownloadReport {
     /// Frame bytes read directly from the packs of chunk servers on this
     /// host (local reads) rather than fetched from them.
     pub local_bytes: u64,
+    /// Frame bytes read directly from the object tier rather than through
+    /// a chunk server.
+    pub object_bytes: u64,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> ClientError {
@@ -74,6 +77,7 @@ pub async fn download(
     }
     let mut report = DownloadReport::default();
     let local_before = reader.chunk_servers().local_read_bytes();
+    let object_before = reader.chunk_servers().object_read_bytes();
     let mut dirs: Vec<(PathBuf, u32, Timestamp)> = Vec::new();
     let mut files: Vec<(PathBuf, TreeEntry)> = Vec::new();
     let mut stack: Vec<(PathBuf, TreeId)> = vec![(dest.to_path_buf(), reader.root())];
@@ -125,6 +129,7 @@ pub async fn download(
         set_mtime(&path, mtime)?;
     }
     report.local_bytes = reader.chunk_servers().local_read_bytes() - local_before;
+    report.object_bytes = reader.chunk_servers().object_read_bytes() - object_before;
     Ok(report)
 }
 

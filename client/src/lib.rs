@@ -8,7 +8,9 @@
 //! | [`proto`] | the `Meta` gRPC API (generated): client stubs, and the server trait the meta role implements |
 //! | [`client`] | [`Client`]: the entry point: connect, upload, open a version, download, diff |
 //! | [`meta`] | [`MetaClient`]: datasets, versions, trees, chunk index, packs, nodes, cluster status; fails over between server addresses |
-//! | [`chunks`] | chunk servers: locating chunks, fetching and verifying frames, streaming packs |
+//! | [`chunks`] | chunk servers: locating chunks, fetching and verifying frames, streaming packs; direct reads of local packs and of the object tier |
+//! | [`object`] | the object tier: packs in S3 or a local directory (`object_store`), multipart uploads, range reads; used by chunk servers and by clients |
+//! | [`object_blocks`] | frame reads of object-tier packs in cached 16 MiB blocks with readahead |
 //! | [`upload`] | directory -> chunks -> packs -> trees -> version |
 //! | [`file_cache`] | chunk lists of files already uploaded, so unchanged files are not read again |
 //! | [`version`] | [`VersionReader`]: stat, read_dir, read_at over one immutable version |
@@ -24,6 +26,8 @@ pub mod download;
 pub mod error;
 pub mod file_cache;
 pub mod meta;
+pub mod object;
+pub mod object_blocks;
 pub mod upload;
 pub mod version;
 

@@ -138,6 +138,9 @@ pub struct Stats {
     pub bytes_fetched: AtomicU64,
     /// Of `bytes_fetched`, read from the disk of a chunk server on this host.
     pub local_bytes: AtomicU64,
+    /// Frame bytes (as stored: lz4 where it paid) read directly from the
+    /// object tier, not through a chunk server.
+    pub object_bytes: AtomicU64,
     pub fetch_errors: AtomicU64,
     /// Disk cache files that did not match their chunk id (deleted, refetched).
     pub corrupt: AtomicU64,
@@ -159,6 +162,8 @@ pub struct StatsSnapshot {
     pub bytes_fetched: u64,
     #[serde(default)]
     pub local_bytes: u64,
+    #[serde(default)]
+    pub object_bytes: u64,
     pub fetch_errors: u64,
     pub corrupt: u64,
     pub mem_evictions: u64,
@@ -187,6 +192,7 @@ impl Stats {
             chunks_fetched: g(&self.chunks_fetched),
             bytes_fetched: g(&self.bytes_fetched),
             local_bytes: g(&self.local_bytes),
+            object_bytes: g(&self.object_bytes),
             fetch_errors: g(&self.fetch_errors),
             corrupt: g(&self.corrupt),
             mem_evictions: g(&self.mem_evictions),
@@ -450,7 +456,11 @@ impl ChunkCache {
                 missing.len() as u64,
             );
             let just: Vec<ChunkId> = missing.iter().map(|&i| ids[i].id).collect();
-            let Fetched { chunks: raws, local } = source.fetch(&just, why).await?;
+            let Fetched {
+                chunks: raws,
+                local,
+                object_bytes,
+            } = source.fetch(&just, why).await?;
             if raws.len() != just.len()
                 || local.len() != just.len()
                 || raws
@@ -482,6 +492,7 @@ impl ChunkCache {
                 got[i] = Some(b);
             }
             add(&stats.local_bytes, local_bytes);
+            add(&stats.object_bytes, object_bytes);
             if self.disk.is_some() && !items.is_empty() {
                 // Written in the background: a read does not wait for the
                 // disk, unless more than PENDING_WRITES are already queued.

@@ -186,7 +186,11 @@ impl Source for MemSource {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let local = vec![self.local.load(Ordering::Relaxed); chunks.len()];
-            Ok(Fetched { chunks, local })
+            Ok(Fetched {
+                chunks,
+                local,
+                object_bytes: 0,
+            })
         })
     }
 }

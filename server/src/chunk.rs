@@ -4,8 +4,10 @@
 //!   (`ID.open` while a session writes them), disk usage.
 //! - [`service`]: the `Chunk` gRPC service: pack sessions and frame reads.
 //! - [`peers`]: gRPC clients for other chunk servers, shared by the node.
-//! - [`object_blocks`]: frame reads of packs only in the object tier, in
-//!   cached 16 MiB blocks.
+//!
+//! Frame reads of packs only in the object tier go through
+//! [`granary_client::object_blocks`] (cached 16 MiB blocks), which clients
+//! use too when they read the object tier directly.
 //!
 //! A pack session: the client streams whole frames to the first replica; each
 //! replica verifies every frame (BLAKE3 + CRC) as it appends it, forwards the
@@ -15,7 +17,6 @@
 //! then acknowledges the client. Any failure aborts the session on every
 //! replica (the `.open` files are deleted) and nothing is registered.
 
-pub mod object_blocks;
 pub mod peers;
 pub mod service;
 pub mod store;

@@ -20,7 +20,7 @@ use crate::chunk::peers::ChunkPeers;
 use crate::meta::command::{MetaCommand, MetaReply, MetaResult};
 use crate::meta::state::{NodeRecord, Reader, CF_NODES};
 use crate::meta::MetaApp;
-use crate::object::ObjectTier;
+use granary_client::object::ObjectTier;
 
 /// A chunk server that has not sent a heartbeat for this long is not given new packs.
 pub const CHUNK_SERVER_TIMEOUT_MS: u64 = 90_000;

@@ -30,7 +30,7 @@ use crate::cluster::Cluster;
 use crate::meta::command::MetaCommand;
 use crate::meta::state::NodeRecord;
 use crate::meta::{MetaApp, MetaService};
-use crate::object::ObjectTier;
+use granary_client::object::ObjectTier;
 
 /// Which roles a node runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +118,7 @@ pub enum ServerError {
     #[error("the gRPC server failed: {0}")]
     Serve(String),
     #[error(transparent)]
-    ObjectStore(#[from] crate::object::ObjectError),
+    ObjectStore(#[from] granary_client::object::ObjectError),
 }
 
 #[derive(Serialize, Deserialize)]

@@ -40,13 +40,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use granary_client::object::ObjectTier;
 use granary_client::upload::NoProgress;
 use granary_client::{Client, ClientError, UploadOptions};
 use granary_core::frame::FRAME_HEADER_LEN;
 use granary_core::pack::{INDEX_ENTRY_LEN, PACK_HEADER_LEN, TRAILER_LEN};
 use granary_core::tree::EntryData;
 use granary_core::{ChunkId, ChunkerConfig, TreeId};
-use granary_server::object::ObjectTier;
 use granary_server::{Roles, ServerConfig, ServerError};
 use proptest::prelude::*;
 

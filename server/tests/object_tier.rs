@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use granary_server::object::{ObjectError, ObjectTier};
+use granary_client::object::{ObjectError, ObjectTier};
 
 const MIB: usize = 1 << 20;
 

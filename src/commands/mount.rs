@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
+use granary_client::chunks::OBJECT_CACHE;
 use granary_client::version::Node;
 use granary_client::{Client, VersionReader};
 use granary_core::tree::EntryData;
@@ -287,9 +288,19 @@ fn run_mounted(
         })?;
         // Prefetched chunks in flight are memory too: `--mem-cache` covers
         // them and the memory cache proper, so the mount stays within it.
+        // So are the blocks of direct object-tier reads (a quarter, at most
+        // the SDK's default; too little for 4 blocks turns them off).
         let defaults = FsConfig::default();
         let readahead_global = defaults.readahead_global.min((mem_cap / 4).max(4 << 20));
-        let cache = ChunkCache::new(mem_cap.saturating_sub(readahead_global), Some(disk));
+        let object_cache = reader
+            .chunk_servers()
+            .set_object_cache(OBJECT_CACHE.min(mem_cap / 4));
+        let cache = ChunkCache::new(
+            mem_cap
+                .saturating_sub(readahead_global)
+                .saturating_sub(object_cache),
+            Some(disk),
+        );
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let cfg = FsConfig {

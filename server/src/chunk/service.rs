@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use granary_client::chunk_proto::chunk_client::ChunkClient;
 use granary_client::chunk_proto::chunk_server::{Chunk, ChunkServer};
 use granary_client::chunk_proto::*;
+use granary_client::object_blocks::ObjectBlocks;
 use granary_client::proto::{ChunkLocation, PackInfo, RegisterPackRequest};
 use granary_client::MetaClient;
 use granary_core::pack::SealedPack;
@@ -16,10 +17,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::object_blocks::ObjectBlocks;
 use super::peers::ChunkPeers;
 use super::store::{verify_pack, verify_pack_crc, LocalReadToken, PackStore};
-use crate::object::ObjectTier;
+use granary_client::object::ObjectTier;
 
 /// Largest piece of frame data in one streamed reply message.
 const READ_PIECE: usize = 4 << 20;
@@ -589,7 +589,7 @@ impl Chunk for ChunkService {
                 .get_ranges(&object_key, &ranges, readahead)
                 .await
                 .map_err(|e| match e {
-                    crate::object::ObjectError::NotFound { .. } => Status::not_found(e.to_string()),
+                    granary_client::object::ObjectError::NotFound { .. } => Status::not_found(e.to_string()),
                     _ => Status::unavailable(e.to_string()),
                 })?,
             Err(e) => {

@@ -45,8 +45,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures::{StreamExt, TryStreamExt};
-use granary_server::chunk::object_blocks;
-use granary_server::object::ObjectTier;
+use granary_client::object::ObjectTier;
+use granary_client::object_blocks;
 use serde_json::{json, Value};
 
 use super::datagen::{random_bytes, TextGen};

@@ -94,6 +94,23 @@ pub struct PackObject {
     pub modified_ms: u64,
 }
 
+/// What a tier is opened for (see [`ObjectTier::for_reads`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// A chunk server: reads and writes, creates a `file://` directory.
+    Serve,
+    /// A client reading packs directly.
+    Read,
+}
+
+/// Environment variables any of which gives object_store S3 credentials.
+const CREDENTIAL_VARS: [&str; 4] = [
+    "AWS_ACCESS_KEY_ID",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+];
+
 /// One object tier: a bucket (or directory) and an optional key prefix.
 #[derive(Debug, Clone)]
 pub struct ObjectTier {
@@ -114,6 +131,23 @@ impl ObjectTier {
     /// `AWS_DEFAULT_REGION` the region is `us-east-1`) or `file:///abs/path` (the directory is created if
     /// missing). Anything else is [`ObjectError::BadUrl`].
     pub fn from_url(url: &str) -> Result<Self, ObjectError> {
+        Self::open(url, Access::Serve)
+    }
+
+    /// Opens the tier at `url` only to read packs, as a client reading the
+    /// object tier directly does: like [`Self::from_url`], except that a
+    /// `file://` directory must already exist (nothing is created), an
+    /// `s3://` tier needs credentials in this process's environment
+    /// (`AWS_ACCESS_KEY_ID`, or a web identity / container credentials
+    /// variable: without any, object_store would ask a cloud's instance
+    /// metadata service), and a failed request is retried once within 3 s
+    /// instead of three times within 20 s: such a client falls back to
+    /// reading through a chunk server, so it must not wait long.
+    pub fn for_reads(url: &str) -> Result<Self, ObjectError> {
+        Self::open(url, Access::Read)
+    }
+
+    fn open(url: &str, access: Access) -> Result<Self, ObjectError> {
         let bad = |why: &str| ObjectError::BadUrl(format!("bad object tier URL `{url}`: {why}"));
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -133,12 +167,25 @@ impl ObjectTier {
                     .map_err(|e| bad(&format!("the key prefix `{prefix}` is invalid: {e}")))?;
                 Some(prefix.to_string())
             };
+            if access == Access::Read && !CREDENTIAL_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
+                return Err(bad(&format!(
+                    "no S3 credentials in this process's environment (set {})",
+                    CREDENTIAL_VARS.join(" or ")
+                )));
+            }
             // A few quick retries: a reader waiting on a dead endpoint for the
             // default ~3 minutes would hang a mount's read that long.
-            let retry = object_store::RetryConfig {
-                max_retries: 3,
-                retry_timeout: std::time::Duration::from_secs(20),
-                ..Default::default()
+            let retry = match access {
+                Access::Serve => object_store::RetryConfig {
+                    max_retries: 3,
+                    retry_timeout: std::time::Duration::from_secs(20),
+                    ..Default::default()
+                },
+                Access::Read => object_store::RetryConfig {
+                    max_retries: 1,
+                    retry_timeout: std::time::Duration::from_secs(3),
+                    ..Default::default()
+                },
             };
             let mut builder = AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
@@ -160,7 +207,15 @@ impl ObjectTier {
             if !dir.starts_with('/') {
                 return Err(bad(&format!("the path must be absolute; expected {URL_FORMS}")));
             }
-            std::fs::create_dir_all(dir).map_err(|e| bad(&format!("cannot create {dir}: {e}")))?;
+            match access {
+                Access::Serve => {
+                    std::fs::create_dir_all(dir).map_err(|e| bad(&format!("cannot create {dir}: {e}")))?
+                }
+                Access::Read if !FsPath::new(dir).is_dir() => {
+                    return Err(bad(&format!("{dir} is not a directory on this host")))
+                }
+                Access::Read => {}
+            }
             let store = LocalFileSystem::new_with_prefix(dir)
                 .map_err(|e| bad(&one_line(e)))?
                 .with_fsync(true);
@@ -355,6 +410,16 @@ impl ObjectTier {
             out.extend_from_slice(&fetched[i][start..end]);
         }
         Ok(out)
+    }
+
+    /// Bytes `offset..offset + len` of object `key` with one request (no
+    /// copy of what arrives); fails unless every byte came back.
+    pub async fn get_range(&self, key: &str, offset: u64, len: u32) -> Result<Bytes, ObjectError> {
+        let location = self.location("get", key)?;
+        let end = offset
+            .checked_add(u64::from(len))
+            .ok_or_else(|| self.failed("get", key, format!("range at {offset} overflows")))?;
+        self.fetch_range(&location, key, offset..end).await
     }
 
     /// One range read; fails unless every byte of `range` came back.

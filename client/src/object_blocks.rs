@@ -6,8 +6,8 @@
 //! per file. A sequential reader now gets the aligned [`BLOCK`]-sized blocks
 //! that cover its call (one GET each, the blocks of a call concurrently), and
 //! the next [`PREFETCH_BLOCKS`] blocks (one for a caller that reads ahead
-//! itself) start downloading while it reads them. The last [`CACHED_BLOCKS`]
-//! blocks are kept in memory and serve later calls; callers that want a
+//! itself) start downloading while it reads them. The last few blocks
+//! ([`CACHED_BLOCKS`] by default) are kept in memory and serve later calls; callers that want a
 //! block being fetched wait for that fetch instead of starting another. A sequential scan of a pack (a mount, a download)
 //! then costs one GET per block, overlapped with the reading.
 //!
@@ -32,9 +32,9 @@ use crate::object::{ObjectError, ObjectTier};
 
 /// Block size of object-tier reads.
 pub const BLOCK: u64 = 16 << 20;
-/// Blocks kept in memory (at most `BLOCK * CACHED_BLOCKS` = 256 MiB, plus
-/// blocks still referenced by calls in progress).
-const CACHED_BLOCKS: usize = 16;
+/// Blocks kept in memory by default (at most `BLOCK * CACHED_BLOCKS` = 256
+/// MiB, plus blocks still referenced by calls in progress).
+pub const CACHED_BLOCKS: usize = 16;
 /// Call ends remembered per object, to recognise several sequential readers.
 const ENDS_KEPT: usize = 8;
 /// Object sizes and last read positions remembered (sizes never change: packs are immutable).
@@ -43,7 +43,8 @@ const SIZES_KEPT: usize = 4096;
 /// Blocks fetched ahead of a sequential reader.
 pub const PREFETCH_BLOCKS: u64 = 4;
 
-/// Block GETs in flight at most, per chunk server. A mount's
+/// Block GETs in flight at most, per chunk server (or client), with the
+/// default cache (a smaller cache allows fewer: at most half its blocks). A mount's
 /// readahead can span several packs; without a cap its blocks (and each
 /// pack's next one) were 20-25 GETs at once against the S3 server, which
 /// then served every one of them slower (measured against moto: the same
@@ -51,7 +52,8 @@ pub const PREFETCH_BLOCKS: u64 = 4;
 pub const BLOCK_GETS_IN_FLIGHT: usize = 8;
 /// Block GETs in flight at most for the calls of readers that wait for
 /// them (not reading ahead), besides [`BLOCK_GETS_IN_FLIGHT`]: a reader's
-/// own block does not queue behind the readahead's.
+/// own block does not queue behind the readahead's. (A quarter of a
+/// smaller cache's blocks, at least one.)
 pub const DEMAND_GETS_IN_FLIGHT: usize = 4;
 
 type BlockId = (String, u64);
@@ -67,12 +69,14 @@ async fn fetch_block(
     let _permit = gets.acquire().await.expect("never closed");
     let start = i * BLOCK;
     let len = BLOCK.min(size - start) as u32;
-    tier.get_ranges(key, &[(start, len)]).await.map(Bytes::from)
+    tier.get_range(key, start, len).await
 }
 
 /// Block reads of one object tier; see the module docs.
 pub struct ObjectBlocks {
     tier: ObjectTier,
+    /// Blocks kept.
+    cached_blocks: usize,
     /// [`BLOCK_GETS_IN_FLIGHT`] permits, one per block GET of readahead.
     gets: Arc<Semaphore>,
     /// [`DEMAND_GETS_IN_FLIGHT`] permits, one per block GET a reader waits for.
@@ -91,11 +95,21 @@ struct State {
 }
 
 impl ObjectBlocks {
+    /// Block reads of `tier` with the default cache of [`CACHED_BLOCKS`].
     pub fn new(tier: ObjectTier) -> Self {
+        Self::with_blocks(tier, CACHED_BLOCKS)
+    }
+
+    /// Block reads of `tier` keeping `cached_blocks` blocks (at least 2).
+    /// GETs in flight are capped so that the blocks being fetched fit in
+    /// the cache: half of it for readahead, a quarter for waiting readers.
+    pub fn with_blocks(tier: ObjectTier, cached_blocks: usize) -> Self {
+        let cached_blocks = cached_blocks.max(2);
         Self {
             tier,
-            gets: Arc::new(Semaphore::new(BLOCK_GETS_IN_FLIGHT)),
-            demand_gets: Semaphore::new(DEMAND_GETS_IN_FLIGHT),
+            cached_blocks,
+            gets: Arc::new(Semaphore::new(BLOCK_GETS_IN_FLIGHT.min(cached_blocks / 2))),
+            demand_gets: Semaphore::new(DEMAND_GETS_IN_FLIGHT.min(cached_blocks / 4).max(1)),
             state: Mutex::default(),
         }
     }
@@ -157,7 +171,7 @@ impl ObjectBlocks {
             // Not while half the cache is already waiting to be filled: the
             // readers' own calls come first, and more cells in flight would
             // push out filled blocks nobody has read yet.
-            let ahead = if self.unfilled() >= CACHED_BLOCKS / 2 {
+            let ahead = if self.unfilled() >= self.cached_blocks / 2 {
                 0
             } else if readahead {
                 1
@@ -261,7 +275,7 @@ impl ObjectBlocks {
         // waiting call besides this map) stay: a reader asked for them, and
         // dropping one would make its next call fetch it again. The cache
         // holds more than its cap only while more are in flight than it holds.
-        while st.order.len() > CACHED_BLOCKS {
+        while st.order.len() > self.cached_blocks {
             let State { blocks, order, .. } = &mut *st;
             // Nor the block just asked for (the caller is about to read it).
             let Some(pos) = order.iter().position(|b| {
