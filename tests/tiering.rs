@@ -611,6 +611,71 @@ object_store_tests!(
     "tiering-crash"
 );
 
+/// A late `DeletePack` (say, from the end of a move to the object tier whose
+/// replies were slow) reaching a chunk server while a move back to SSD has
+/// restored the pack there but not yet listed it in meta is refused, and
+/// the chunk server's sweep of unlisted packs (2 s grace here) spares it
+/// too: the copy the move is about to list survives, and the move finishes
+/// on it. (Before the sweep checked for queued moves, it deleted such a
+/// copy, and the move then listed a replica that was gone and deleted the
+/// object copy.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_delete_spares_a_copy_a_queued_move_restored() {
+    use granary_client::chunk_proto::chunk_client::ChunkClient;
+    use granary_client::chunk_proto::DeletePackRequest;
+    let work = workdir();
+    let work = work.path();
+    let objects = objects_dir();
+    let c = start(
+        &file_url(&objects),
+        &[("GRANARY_FAULT_PAUSE", "move-after-restore:8")],
+    )
+    .await;
+    let addr = c.addr(1);
+    let data = c.node(1).dir.clone();
+    let (src, want) = source_tree(work, 7);
+    upload(&addr, &src, "ds", work);
+    tier_json(&addr, &["move", "ds", "--to", "object"]);
+    wait_no_ssd_packs(&data, 10 * SEC).await;
+
+    let mv = tier_json(&addr, &["move", "ds", "--to", "ssd", "--no-wait"]);
+    assert!(n(&mv, "queued") >= 1, "{mv}");
+    // The first restored copy appears; the mover then pauses before meta
+    // lists it.
+    let (path, _) = wait_for("the move back to restore a pack", 30 * SEC, || async {
+        pack_files_below(&data.join("packs"))
+            .into_iter()
+            .next()
+            .ok_or_else(|| "no pack file yet".to_string())
+    })
+    .await;
+    let id: u64 = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("pack id of {}", path.display()));
+    let mut chunk = ChunkClient::connect(format!("http://{addr}")).await.unwrap();
+    let refused = chunk
+        .delete_pack(DeletePackRequest { pack_id: id })
+        .await
+        .expect_err("a delete during a queued move is refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("queued move to the ssd tier"),
+        "{}",
+        refused.message()
+    );
+    assert!(path.exists(), "the restored copy {} survived", path.display());
+
+    let st = wait_queue_empty(&addr, 60 * SEC).await;
+    let d = ds_of(&st, "ds");
+    assert_eq!(n(d, "object_bytes"), 0, "{st}");
+    assert!(n(d, "ssd_bytes") > 0, "{st}");
+    assert!(path.exists(), "{} is listed now and stays", path.display());
+    let back = download_with(&addr, "ds@1", &work.join("dl"), &want, &[], &[]);
+    assert_eq!(n(&back, "object_bytes"), 0, "read from SSD: {back}");
+}
+
 // ---------------------------------------------------------------------------
 // 4. Cold-after policies
 // ---------------------------------------------------------------------------

@@ -686,6 +686,20 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_opens_only_a_directory_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("not-here");
+        let url = format!("file://{}", missing.display());
+        let e = ObjectTier::for_reads(&url).unwrap_err();
+        assert!(matches!(e, ObjectError::BadUrl(_)), "{e}");
+        assert!(e.to_string().contains("is not a directory on this host"), "{e}");
+        assert!(!missing.exists(), "a reader creates nothing");
+        ObjectTier::from_url(&url).unwrap();
+        assert!(missing.is_dir(), "a chunk server creates its directory");
+        assert_eq!(ObjectTier::for_reads(&url).unwrap().url(), url);
+    }
+
+    #[test]
     fn pack_keys() {
         let dir = tempfile::tempdir().unwrap();
         let root = ObjectTier::from_url(&format!("file://{}", dir.path().display())).unwrap();

@@ -318,6 +318,19 @@ mod tests {
         drop(fetching);
     }
 
+    #[test]
+    fn a_smaller_cache_keeps_fewer_blocks_and_fetches_fewer_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = ObjectTier::from_url(&format!("file://{}", dir.path().display())).unwrap();
+        let blocks = ObjectBlocks::with_blocks(tier, 4);
+        for i in 0..10 {
+            blocks.cell("k", i).set(Bytes::new()).unwrap();
+        }
+        assert_eq!(blocks.state.lock().unwrap().blocks.len(), 4);
+        assert_eq!(blocks.gets.available_permits(), 2, "readahead: half the blocks");
+        assert_eq!(blocks.demand_gets.available_permits(), 1, "readers: a quarter");
+    }
+
     #[tokio::test]
     async fn a_reader_does_not_wait_behind_the_readahead() {
         let dir = tempfile::tempdir().unwrap();

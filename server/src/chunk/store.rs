@@ -311,8 +311,11 @@ pub fn unregistered_grace() -> std::time::Duration {
 
 /// Removes sealed packs older than `grace` that meta does not list for this
 /// node: copies whose session failed after this replica sealed them, or
-/// whose first replica died before registering. Does nothing when meta
-/// cannot be asked. Returns the packs removed.
+/// whose first replica died before registering. A pack with a queued move
+/// stays: a move back to SSD restores (or reuses) copies before it lists
+/// them, and a mover held up between the two must find its copy still
+/// there (it lists it, and then drops the object copy). Does nothing when
+/// meta cannot be asked. Returns the packs removed.
 pub async fn sweep_unregistered(
     store: &PackStore,
     meta: &granary_client::MetaClient,
@@ -342,8 +345,17 @@ pub async fn sweep_unregistered(
         }
     };
     let mut removed = Vec::new();
-    for id in old {
-        if !registered.contains(&id) && store.remove_if_older(id, grace) {
+    for id in old.into_iter().filter(|id| !registered.contains(id)) {
+        match meta.get_pack(id).await {
+            Ok(p) if !p.moving_to.is_empty() => continue,
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                tracing::debug!(pack = id, "pack sweep skipped this pack, meta unavailable: {e}");
+                continue;
+            }
+        }
+        if store.remove_if_older(id, grace) {
             removed.push(id);
         }
     }

@@ -286,6 +286,7 @@ async fn to_ssd(cluster: &Cluster, id: u64, m: &MoveRecord, pack: PackRecord) ->
                 s.message()
             ))
         })?;
+        fault::pause("move-after-restore").await;
         // List each copy at once: the chunk server's sweep deletes pack
         // files that meta does not list for it.
         add_replica(cluster, id, &mut listed, *node).await?;
