@@ -198,8 +198,8 @@ pub struct MountArgs {
     pub cache_size: String,
     /// Memory for chunks, e.g. 1GiB: the memory cache plus the prefetches in
     /// flight (a quarter of it, up to 256 MiB) plus the blocks of object-tier
-    /// packs read directly (another quarter, up to 256 MiB; none below
-    /// 256MiB), so the mount's footprint stays near this.
+    /// packs read directly (another quarter, up to 256 MiB; no direct reads
+    /// when this is below 512MiB), so the mount's footprint stays near this.
     #[arg(long, default_value = "1GiB")]
     pub mem_cache: String,
     /// Stay in the foreground until unmounted (for container entrypoints).

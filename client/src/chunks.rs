@@ -80,7 +80,7 @@ pub struct Fetched {
     pub chunks: Vec<Bytes>,
     pub local: Vec<bool>,
     /// Frame bytes of these chunks read directly from the object tier.
-    pub object_bytes: u64,
+    pub object_read_bytes: u64,
 }
 
 /// Where the chunks of one pack were read.
@@ -147,8 +147,26 @@ struct Inner {
 
 /// The default memory for the block cache of direct object-tier reads.
 pub const OBJECT_CACHE: u64 = crate::object_blocks::CACHED_BLOCKS as u64 * crate::object_blocks::BLOCK;
-/// Fewer cached blocks than this: no direct object-tier reads.
-const MIN_OBJECT_BLOCKS: u64 = 4;
+/// Fewer cached blocks than this: no direct object-tier reads (a pack
+/// spans 4-5 blocks, and a sequential reader has 2-4 more fetched ahead).
+const MIN_OBJECT_BLOCKS: u64 = 8;
+/// How long direct object-tier reads stay off after a failure that will
+/// not pass by itself (no credentials, another endpoint, a directory not
+/// on this host, an object store without the packs the cluster's has).
+const OBJECT_READS_OFF: Duration = Duration::from_secs(300);
+/// Longest wait for a chunk server's answer to `ObjectStore`.
+const OBJECT_STORE_ASK: Duration = Duration::from_secs(3);
+
+/// What a direct object-tier read gave.
+enum Direct {
+    /// The chunks.
+    Read(Vec<Bytes>),
+    /// The object is not in the store this client reads.
+    Missing,
+    /// This client does not read the object tier directly now, or the read
+    /// failed (said in the log).
+    No,
+}
 
 /// Whether this client reads the object tier directly (see the module docs).
 #[derive(Default)]
@@ -185,7 +203,14 @@ fn server_err(addr: &str, s: tonic::Status) -> ClientError {
 impl ChunkServers {
     pub fn new(meta: MetaClient) -> Self {
         let no_local_reads = std::env::var("GRANARY_LOCAL_READS").is_ok_and(|v| v == "0");
-        let no_object_reads = std::env::var("GRANARY_OBJECT_READS").is_ok_and(|v| v == "server");
+        let no_object_reads = match std::env::var("GRANARY_OBJECT_READS") {
+            Ok(v) if matches!(v.as_str(), "server" | "0" | "off") => true,
+            Ok(v) if !matches!(v.as_str(), "" | "direct" | "1" | "on") => {
+                tracing::warn!("GRANARY_OBJECT_READS={v} is not `direct` or `server`; reading directly");
+                false
+            }
+            _ => false,
+        };
         Self {
             meta,
             inner: Arc::new(Inner {
@@ -198,13 +223,14 @@ impl ChunkServers {
     }
 
     /// Sets the memory the block cache of direct object-tier reads may use
-    /// ([`OBJECT_CACHE`] by default). Below 4 blocks (64 MiB) this client
+    /// ([`OBJECT_CACHE`] by default). Below 8 blocks (128 MiB) this client
     /// reads the object tier through chunk servers. Takes effect when the
     /// tier is next opened (at the first object-tier read). Returns the
-    /// memory the cache may use: `bytes` in whole blocks, or 0.
+    /// memory the cache may use: `bytes` in whole blocks, or 0 (also when
+    /// direct reads are off, `GRANARY_OBJECT_READS=server`).
     pub fn set_object_cache(&self, bytes: u64) -> u64 {
         let blocks = bytes / crate::object_blocks::BLOCK;
-        let bytes = if blocks < MIN_OBJECT_BLOCKS {
+        let bytes = if blocks < MIN_OBJECT_BLOCKS || self.inner.no_object_reads {
             0
         } else {
             blocks * crate::object_blocks::BLOCK
@@ -219,8 +245,9 @@ impl ChunkServers {
     }
 
     /// The block cache this client reads the object tier through, when it
-    /// reads it directly (looked up once, again [`AVOID_FAILED`] after a
-    /// failure).
+    /// reads it directly (looked up once; again after [`AVOID_FAILED`] when
+    /// no chunk server answered, after [`OBJECT_READS_OFF`] when one did
+    /// and the tier cannot be read from here).
     async fn object_reader(&self) -> Option<Arc<ObjectBlocks>> {
         let blocks = self.inner.object_cache.load(Ordering::Relaxed) / crate::object_blocks::BLOCK;
         if self.inner.no_object_reads || blocks == 0 {
@@ -239,85 +266,88 @@ impl ChunkServers {
                 *state = ObjectReads::On(blocks.clone());
                 Some(blocks)
             }
-            Err(why) => {
-                tracing::debug!("reading the object tier through chunk servers: {why}");
-                *state = ObjectReads::Off(Instant::now() + AVOID_FAILED);
+            Err((why, lasting)) => {
+                let off = if lasting { OBJECT_READS_OFF } else { AVOID_FAILED };
+                tracing::debug!(
+                    "reading the object tier through chunk servers for {}s: {why}",
+                    off.as_secs()
+                );
+                *state = ObjectReads::Off(Instant::now() + off);
                 None
             }
         }
     }
 
+    /// Turns direct object-tier reads off for `off`; whether they were on
+    /// (so of several reads failing at once, one says so).
+    async fn object_reads_off(&self, off: Duration) -> bool {
+        let mut state = self.inner.objects.lock().await;
+        let was_on = matches!(*state, ObjectReads::On(_));
+        *state = ObjectReads::Off(Instant::now() + off);
+        was_on
+    }
+
     /// The object tier, opened for reads, as the first chunk server that
-    /// answers names it.
-    async fn open_object_tier(&self) -> Result<ObjectTier, String> {
+    /// answers (healthy ones first, each given [`OBJECT_STORE_ASK`]) names
+    /// it. An error says why, and whether it will last (a server answered,
+    /// but this client cannot read that tier).
+    async fn open_object_tier(&self) -> Result<ObjectTier, (String, bool)> {
         if self.inner.chunk_nodes.read().expect("lock").is_empty() {
-            self.refresh_nodes().await.map_err(|e| e.to_string())?;
+            self.refresh_nodes().await.map_err(|e| (e.to_string(), false))?;
         }
-        let nodes = self.inner.chunk_nodes.read().expect("lock").clone();
-        let mut why = "no chunk server is known".to_string();
+        let mut nodes = self.inner.chunk_nodes.read().expect("lock").clone();
+        {
+            let failed = self.inner.failed.lock().expect("failed map lock");
+            let now = Instant::now();
+            nodes.sort_by_key(|a| {
+                failed
+                    .get(a)
+                    .is_some_and(|t| now.duration_since(*t) < AVOID_FAILED)
+            });
+        }
+        let mut why = ("no chunk server is known".to_string(), false);
         for addr in &nodes {
-            let reply = match self.client(addr) {
-                Ok(mut c) => c.object_store(ObjectStoreRequest {}).await,
+            let mut client = match self.client(addr) {
+                Ok(c) => c,
                 Err(e) => {
-                    why = e.to_string();
+                    why = (e.to_string(), false);
                     continue;
                 }
             };
-            match reply {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    if r.node_default && self.local_dir(addr).await.is_none() {
-                        why = format!(
-                            "the object tier is chunk server {addr}'s own directory, not on this host"
-                        );
-                        continue;
-                    }
-                    return ObjectTier::for_reads(&r.url).map_err(|e| e.to_string());
+            let reply = match tokio::time::timeout(
+                OBJECT_STORE_ASK,
+                client.object_store(ObjectStoreRequest {}),
+            )
+            .await
+            {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(s)) => {
+                    why = (server_err(addr, s).to_string(), false);
+                    continue;
                 }
-                Err(s) => why = server_err(addr, s).to_string(),
+                Err(_) => {
+                    why = (format!("chunk server {addr} did not answer in time"), false);
+                    continue;
+                }
+            };
+            if reply.node_default && self.local_dir(addr).await.is_none() {
+                why = (
+                    format!("the object tier is chunk server {addr}'s own directory, not on this host"),
+                    true,
+                );
+                continue;
             }
+            return ObjectTier::for_reads(&reply.url, &reply.s3_endpoint).map_err(|e| (e.to_string(), true));
         }
         Err(why)
     }
 
-    /// Reads and verifies `chunks` of `pack` from its object-tier copy `key`
-    /// through `blocks`; `touch`: a chunk server to report the read to.
-    async fn read_object(
-        &self,
-        blocks: &ObjectBlocks,
-        pack: u64,
-        key: &str,
-        chunks: &[(ChunkId, Location)],
-        pattern: ReadPattern,
-        touch: Option<&str>,
-    ) -> Result<Vec<Bytes>, ObjectError> {
-        let ranges: Vec<(u64, u32)> = chunks.iter().map(|(_, l)| (l.offset, l.frame_len())).collect();
-        let data = blocks
-            .get_ranges(key, &ranges, pattern == ReadPattern::Ahead)
-            .await?;
-        let out = decode_frames(
-            &[Bytes::from(data)],
-            chunks,
-            &format!("the object-tier copy of pack {pack} ({key})"),
-        )
-        .map_err(|e| ObjectError::Failed {
-            url: String::new(),
-            op: "get",
-            key: key.to_string(),
-            message: e.to_string(),
-        })?;
-        let total: u64 = ranges.iter().map(|(_, n)| u64::from(*n)).sum();
-        self.inner.object_bytes.fetch_add(total, Ordering::Relaxed);
-        if let Some(addr) = touch {
-            self.touch(addr, pack);
-        }
-        Ok(out)
-    }
-
-    /// [`Self::read_object`] when this client reads the object tier
-    /// directly; `None` when it does not, or the read failed (then it reads
-    /// through chunk servers for a while, unless the object was missing:
-    /// the pack moved, which the caller's retry finds out).
+    /// Reads and verifies `chunks` of `pack` from its object-tier copy
+    /// `key`, directly, when this client does that (see the module docs);
+    /// `touch`: a chunk server to report the read to. A failure of the
+    /// store turns direct reads off for [`AVOID_FAILED`]; a damaged copy is
+    /// this pack's problem only (a chunk server reads the same object and
+    /// reports it the same way).
     async fn try_read_object(
         &self,
         pack: u64,
@@ -325,22 +355,49 @@ impl ChunkServers {
         chunks: &[(ChunkId, Location)],
         pattern: ReadPattern,
         touch: Option<&str>,
-    ) -> Option<Vec<Bytes>> {
-        let blocks = self.object_reader().await?;
-        match self.read_object(&blocks, pack, key, chunks, pattern, touch).await {
-            Ok(v) => Some(v),
+    ) -> Direct {
+        let Some(blocks) = self.object_reader().await else {
+            return Direct::No;
+        };
+        let ranges: Vec<(u64, u32)> = chunks.iter().map(|(_, l)| (l.offset, l.frame_len())).collect();
+        let data = match blocks
+            .get_ranges(key, &ranges, pattern == ReadPattern::Ahead)
+            .await
+        {
+            Ok(data) => data,
             Err(e @ ObjectError::NotFound { .. }) => {
                 tracing::debug!(pack, "object-tier copy not found, asking chunk servers: {e}");
-                None
+                return Direct::Missing;
             }
             Err(e) => {
-                tracing::warn!(
-                    pack,
-                    "reading the object tier directly failed, reading through chunk servers for {}s: {e}",
-                    AVOID_FAILED.as_secs()
-                );
-                *self.inner.objects.lock().await = ObjectReads::Off(Instant::now() + AVOID_FAILED);
-                None
+                if self.object_reads_off(AVOID_FAILED).await {
+                    tracing::warn!(
+                        pack,
+                        "reading the object tier directly failed, reading through chunk servers for {}s: {e}",
+                        AVOID_FAILED.as_secs()
+                    );
+                } else {
+                    tracing::debug!(pack, "reading the object tier directly failed: {e}");
+                }
+                return Direct::No;
+            }
+        };
+        let what = format!(
+            "the copy of pack {pack} in the object tier {} ({key})",
+            blocks.url()
+        );
+        match decode_frames(&[Bytes::from(data)], chunks, &what) {
+            Ok(out) => {
+                let total: u64 = ranges.iter().map(|(_, n)| u64::from(*n)).sum();
+                self.inner.object_bytes.fetch_add(total, Ordering::Relaxed);
+                if let Some(addr) = touch {
+                    self.touch(addr, pack);
+                }
+                Direct::Read(out)
+            }
+            Err(e) => {
+                tracing::warn!(pack, "{e}; asking chunk servers");
+                Direct::No
             }
         }
     }
@@ -610,13 +667,16 @@ impl ChunkServers {
         let sources = self.sources(pack, copies).await?;
         // Only in the object tier: read it directly, if this client can.
         let object_only = copies.replicas.is_empty() && !copies.object_key.is_empty();
+        let mut direct_missing = false;
         if object_only {
             let touch = sources.first().map(String::as_str);
-            if let Some(v) = self
+            match self
                 .try_read_object(pack, &copies.object_key, chunks, pattern, touch)
                 .await
             {
-                return Ok((v, Origin::Object));
+                Direct::Read(v) => return Ok((v, Origin::Object)),
+                Direct::Missing => direct_missing = true,
+                Direct::No => {}
             }
         }
         if sources.is_empty() {
@@ -660,6 +720,17 @@ impl ChunkServers {
             {
                 Ok(v) => {
                     self.inner.failed.lock().expect("failed map lock").remove(addr);
+                    // The chunk server found the object this client did not:
+                    // the two see different stores.
+                    if direct_missing && self.object_reads_off(OBJECT_READS_OFF).await {
+                        tracing::warn!(
+                            pack,
+                            addr,
+                            "the object store this client reads lacks a pack the chunk server read from its own; \
+                             reading through chunk servers for {}s",
+                            OBJECT_READS_OFF.as_secs()
+                        );
+                    }
                     return Ok((v, Origin::Server));
                 }
                 Err(e) => {
@@ -736,7 +807,7 @@ impl ChunkServers {
         let mut locations = self.locate(ids).await?;
         let mut out: Vec<Bytes> = vec![Bytes::new(); ids.len()];
         let mut local = vec![false; ids.len()];
-        let mut object_bytes = 0;
+        let mut object_read_bytes = 0;
         let mut pending: Vec<usize> = (0..ids.len()).collect();
         for attempt in 0..2 {
             let mut by_pack: HashMap<u64, Vec<usize>> = HashMap::new();
@@ -752,7 +823,7 @@ impl ChunkServers {
                     match self.fetch_from_pack(pack, &request, pattern).await {
                         Ok((raws, origin)) => {
                             if origin == Origin::Object {
-                                object_bytes +=
+                                object_read_bytes +=
                                     request.iter().map(|(_, l)| u64::from(l.frame_len())).sum::<u64>();
                             }
                             for (&k, raw) in group.iter().zip(raws) {
@@ -772,7 +843,7 @@ impl ChunkServers {
                 return Ok(Fetched {
                     chunks: out,
                     local,
-                    object_bytes,
+                    object_read_bytes,
                 });
             };
             let again: Vec<ChunkId> = failed.iter().map(|&i| ids[i]).collect();
@@ -787,7 +858,7 @@ impl ChunkServers {
         Ok(Fetched {
             chunks: out,
             local,
-            object_bytes,
+            object_read_bytes,
         })
     }
 

@@ -38,7 +38,7 @@ pub struct DownloadReport {
     pub local_bytes: u64,
     /// Frame bytes read directly from the object tier rather than through
     /// a chunk server.
-    pub object_bytes: u64,
+    pub object_read_bytes: u64,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> ClientError {
@@ -129,7 +129,7 @@ pub async fn download(
         set_mtime(&path, mtime)?;
     }
     report.local_bytes = reader.chunk_servers().local_read_bytes() - local_before;
-    report.object_bytes = reader.chunk_servers().object_read_bytes() - object_before;
+    report.object_read_bytes = reader.chunk_servers().object_read_bytes() - object_before;
     Ok(report)
 }
 

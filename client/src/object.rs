@@ -103,13 +103,28 @@ enum Access {
     Read,
 }
 
-/// Environment variables any of which gives object_store S3 credentials.
-const CREDENTIAL_VARS: [&str; 4] = [
-    "AWS_ACCESS_KEY_ID",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+/// Sets of environment variables, any complete one of which gives
+/// object_store S3 credentials without asking an instance metadata service
+/// (the same pairs `AmazonS3Builder::build` checks, in its order).
+const CREDENTIAL_SETS: [&[&str]; 4] = [
+    &["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+    &["AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN"],
+    &["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"],
+    &[
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    ],
 ];
+
+/// The S3 endpoint this process's environment names (`AWS_ENDPOINT`, else
+/// `AWS_ENDPOINT_URL`), without a trailing slash; empty for AWS itself.
+pub fn env_endpoint() -> String {
+    ["AWS_ENDPOINT", "AWS_ENDPOINT_URL"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|e| !e.is_empty()))
+        .map(|e| e.trim_end_matches('/').to_string())
+        .unwrap_or_default()
+}
 
 /// One object tier: a bucket (or directory) and an optional key prefix.
 #[derive(Debug, Clone)]
@@ -121,6 +136,9 @@ pub struct ObjectTier {
     node_default: bool,
     /// Key prefix without leading or trailing slashes; `None` for the root.
     prefix: Option<String>,
+    /// The S3 endpoint ([`env_endpoint`]) of an `s3://` tier; empty for AWS
+    /// itself and for a `file://` tier.
+    endpoint: String,
 }
 
 impl ObjectTier {
@@ -136,15 +154,42 @@ impl ObjectTier {
 
     /// Opens the tier at `url` only to read packs, as a client reading the
     /// object tier directly does: like [`Self::from_url`], except that a
-    /// `file://` directory must already exist (nothing is created), an
-    /// `s3://` tier needs credentials in this process's environment
-    /// (`AWS_ACCESS_KEY_ID`, or a web identity / container credentials
-    /// variable: without any, object_store would ask a cloud's instance
-    /// metadata service), and a failed request is retried once within 3 s
-    /// instead of three times within 20 s: such a client falls back to
+    /// `file://` directory must already exist (nothing is created); an
+    /// `s3://` tier needs credentials in this process's environment (a key
+    /// id and secret, or a complete web-identity or container-credentials
+    /// set: without one, object_store would ask a cloud's instance metadata
+    /// service) and the same endpoint as the chunk server that named the
+    /// tier (`server_endpoint`, its [`Self::endpoint`]), so the requests
+    /// go to the store the cluster uses and nowhere else; a connection
+    /// must open within 3 s and a failed request is retried once within
+    /// 3 s (not three times within 20 s): such a client falls back to
     /// reading through a chunk server, so it must not wait long.
-    pub fn for_reads(url: &str) -> Result<Self, ObjectError> {
+    pub fn for_reads(url: &str, server_endpoint: &str) -> Result<Self, ObjectError> {
+        if url.starts_with("s3://") {
+            let mine = env_endpoint();
+            if mine != server_endpoint.trim_end_matches('/') {
+                let name = |e: &str| {
+                    if e.is_empty() {
+                        "AWS itself".to_string()
+                    } else {
+                        e.to_string()
+                    }
+                };
+                return Err(ObjectError::BadUrl(format!(
+                    "the chunk server reaches {url} at {}, this process at {} (AWS_ENDPOINT)",
+                    name(server_endpoint),
+                    name(&mine)
+                )));
+            }
+        }
         Self::open(url, Access::Read)
+    }
+
+    /// The S3 endpoint this tier's requests go to (`AWS_ENDPOINT` or
+    /// `AWS_ENDPOINT_URL` when it was opened); empty for AWS itself and for
+    /// a `file://` tier.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     fn open(url: &str, access: Access) -> Result<Self, ObjectError> {
@@ -167,10 +212,14 @@ impl ObjectTier {
                     .map_err(|e| bad(&format!("the key prefix `{prefix}` is invalid: {e}")))?;
                 Some(prefix.to_string())
             };
-            if access == Access::Read && !CREDENTIAL_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
+            let has = |set: &[&str]| {
+                set.iter()
+                    .all(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+            };
+            if access == Access::Read && !CREDENTIAL_SETS.iter().any(|set| has(set)) {
                 return Err(bad(&format!(
                     "no S3 credentials in this process's environment (set {})",
-                    CREDENTIAL_VARS.join(" or ")
+                    CREDENTIAL_SETS.map(|set| set.join(" and ")).join(", or ")
                 )));
             }
             // A few quick retries: a reader waiting on a dead endpoint for the
@@ -196,12 +245,21 @@ impl ObjectTier {
             if plain_http {
                 builder = builder.with_allow_http(true);
             }
+            if access == Access::Read {
+                builder = builder.with_config(
+                    object_store::aws::AmazonS3ConfigKey::Client(
+                        object_store::ClientConfigKey::ConnectTimeout,
+                    ),
+                    "3s",
+                );
+            }
             let store = builder.build().map_err(|e| bad(&one_line(e)))?;
             Ok(Self {
                 store: Arc::new(store),
                 url: url.to_string(),
                 prefix,
                 node_default: false,
+                endpoint: env_endpoint(),
             })
         } else if let Some(dir) = url.strip_prefix("file://") {
             if !dir.starts_with('/') {
@@ -224,6 +282,7 @@ impl ObjectTier {
                 url: url.to_string(),
                 prefix: None,
                 node_default: false,
+                endpoint: String::new(),
             })
         } else {
             Err(bad(&format!("expected {URL_FORMS}")))
@@ -690,13 +749,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("not-here");
         let url = format!("file://{}", missing.display());
-        let e = ObjectTier::for_reads(&url).unwrap_err();
+        let e = ObjectTier::for_reads(&url, "").unwrap_err();
         assert!(matches!(e, ObjectError::BadUrl(_)), "{e}");
         assert!(e.to_string().contains("is not a directory on this host"), "{e}");
         assert!(!missing.exists(), "a reader creates nothing");
         ObjectTier::from_url(&url).unwrap();
         assert!(missing.is_dir(), "a chunk server creates its directory");
-        assert_eq!(ObjectTier::for_reads(&url).unwrap().url(), url);
+        assert_eq!(ObjectTier::for_reads(&url, "").unwrap().url(), url);
     }
 
     #[test]

@@ -114,6 +114,11 @@ impl ObjectBlocks {
         }
     }
 
+    /// The URL of the tier read.
+    pub fn url(&self) -> &str {
+        self.tier.url()
+    }
+
     /// Like [`ObjectTier::get_ranges`]: byte ranges `(offset, len)` of object
     /// `key`, concatenated in request order, read through the block cache.
     /// `readahead`: the caller reads ahead of a sequential reader, so the
@@ -140,7 +145,11 @@ impl ObjectBlocks {
             return Ok(Vec::new());
         }
         let sequential = self.sequential(key, &wanted) || readahead;
-        if !sequential && !self.all_cached(key, &ids) {
+        // Read exactly when the cache is full of blocks still being fetched
+        // and this call needs others: more cells would only push it past
+        // its size.
+        let crowded = || self.unfilled() >= self.cached_blocks && !self.all_present(key, &ids);
+        if (!sequential && !self.all_cached(key, &ids)) || (sequential && crowded()) {
             return self.tier.get_ranges(key, ranges).await;
         }
         let size = match self.known_size(key) {
@@ -171,12 +180,13 @@ impl ObjectBlocks {
             // Not while half the cache is already waiting to be filled: the
             // readers' own calls come first, and more cells in flight would
             // push out filled blocks nobody has read yet.
+            // A small cache gets fewer: a quarter of its blocks at most.
             let ahead = if self.unfilled() >= self.cached_blocks / 2 {
                 0
             } else if readahead {
                 1
             } else {
-                PREFETCH_BLOCKS
+                PREFETCH_BLOCKS.min((self.cached_blocks as u64 / 4).max(1))
             };
             for next in (last + 1..=last + ahead).take_while(|n| n * BLOCK < size) {
                 let cell = self.cell(key, next);
@@ -250,6 +260,12 @@ impl ObjectBlocks {
     fn unfilled(&self) -> usize {
         let st = self.state.lock().expect("object block cache lock");
         st.blocks.values().filter(|c| !c.initialized()).count()
+    }
+
+    /// Whether every block of `ids` is cached or being fetched.
+    fn all_present(&self, key: &str, ids: &[u64]) -> bool {
+        let st = self.state.lock().expect("object block cache lock");
+        ids.iter().all(|&i| st.blocks.contains_key(&(key.to_string(), i)))
     }
 
     fn all_cached(&self, key: &str, ids: &[u64]) -> bool {
@@ -329,6 +345,42 @@ mod tests {
         assert_eq!(blocks.state.lock().unwrap().blocks.len(), 4);
         assert_eq!(blocks.gets.available_permits(), 2, "readahead: half the blocks");
         assert_eq!(blocks.demand_gets.available_permits(), 1, "readers: a quarter");
+    }
+
+    #[tokio::test]
+    async fn a_small_cache_scans_a_pack_without_fetching_a_block_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = ObjectTier::from_url(&format!("file://{}", dir.path().display())).unwrap();
+        let len = (5 * BLOCK - 1000) as usize;
+        let data: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+        tier.put_bytes("packs/z.pack", Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        let blocks = ObjectBlocks::with_blocks(tier, 8);
+        let step = 1 << 20;
+        let mut got = Vec::with_capacity(len);
+        let mut at = 0;
+        while at < len {
+            let n = step.min(len - at);
+            got.extend(
+                blocks
+                    .get_ranges("packs/z.pack", &[(at as u64, n as u32)], false)
+                    .await
+                    .unwrap(),
+            );
+            at += n;
+            // From the second call on (the first is read exactly), every
+            // block this scan needs next is cached or on its way, never
+            // dropped before it is read.
+            let st = blocks.state.lock().unwrap();
+            let next = (at as u64).min(len as u64 - 1) / BLOCK;
+            assert!(
+                at <= step || at == len || st.blocks.contains_key(&("packs/z.pack".to_string(), next)),
+                "block {next} is missing at {at}"
+            );
+            assert!(st.blocks.len() <= 8, "{} blocks", st.blocks.len());
+        }
+        assert!(got == data, "the scan returns the object");
     }
 
     #[tokio::test]

@@ -140,7 +140,7 @@ pub struct Stats {
     pub local_bytes: AtomicU64,
     /// Frame bytes (as stored: lz4 where it paid) read directly from the
     /// object tier, not through a chunk server.
-    pub object_bytes: AtomicU64,
+    pub object_read_bytes: AtomicU64,
     pub fetch_errors: AtomicU64,
     /// Disk cache files that did not match their chunk id (deleted, refetched).
     pub corrupt: AtomicU64,
@@ -163,7 +163,7 @@ pub struct StatsSnapshot {
     #[serde(default)]
     pub local_bytes: u64,
     #[serde(default)]
-    pub object_bytes: u64,
+    pub object_read_bytes: u64,
     pub fetch_errors: u64,
     pub corrupt: u64,
     pub mem_evictions: u64,
@@ -192,7 +192,7 @@ impl Stats {
             chunks_fetched: g(&self.chunks_fetched),
             bytes_fetched: g(&self.bytes_fetched),
             local_bytes: g(&self.local_bytes),
-            object_bytes: g(&self.object_bytes),
+            object_read_bytes: g(&self.object_read_bytes),
             fetch_errors: g(&self.fetch_errors),
             corrupt: g(&self.corrupt),
             mem_evictions: g(&self.mem_evictions),
@@ -459,7 +459,7 @@ impl ChunkCache {
             let Fetched {
                 chunks: raws,
                 local,
-                object_bytes,
+                object_read_bytes,
             } = source.fetch(&just, why).await?;
             if raws.len() != just.len()
                 || local.len() != just.len()
@@ -492,7 +492,7 @@ impl ChunkCache {
                 got[i] = Some(b);
             }
             add(&stats.local_bytes, local_bytes);
-            add(&stats.object_bytes, object_bytes);
+            add(&stats.object_read_bytes, object_read_bytes);
             if self.disk.is_some() && !items.is_empty() {
                 // Written in the background: a read does not wait for the
                 // disk, unless more than PENDING_WRITES are already queued.

@@ -189,7 +189,7 @@ impl Source for MemSource {
             Ok(Fetched {
                 chunks,
                 local,
-                object_bytes: 0,
+                object_read_bytes: 0,
             })
         })
     }

@@ -11,13 +11,13 @@
 //! | [`gc`] | garbage collection: mark, sweep, pack compaction |
 //! | [`repair`] | re-replication of lost replicas, `admin scrub` across chunk servers and the object tier |
 //! | [`settings`] | server settings read from the environment (`GRANARY_*_SECS`) |
-//! | [`fault`] | crash points for tests (`GRANARY_FAULT`) |
+//! | [`fault`] | crash and pause points for tests (`GRANARY_FAULT`, `GRANARY_FAULT_PAUSE`) |
+//! | [`run`] | starting a node: data directory, listener, Raft bootstrap or join, serving, clean shutdown |
 //!
 //! The object tier itself (`ObjectTier`: packs in S3 or a local directory,
 //! multipart uploads, range reads, block-cached frame reads) lives in
 //! `granary_client::object` and `granary_client::object_blocks`: chunk servers
 //! and clients both read it.
-//! | [`run`] | starting a node: data directory, listener, Raft bootstrap or join, serving, clean shutdown |
 
 pub mod chunk;
 pub mod cluster;

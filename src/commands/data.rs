@@ -182,7 +182,7 @@ pub fn download(args: &DownloadArgs) -> anyhow::Result<()> {
             "{}",
             json!({"version": format!("{}@{version}", r.dataset), "dir": args.dir, "files": report.files,
                    "dirs": report.dirs, "symlinks": report.symlinks, "bytes": report.bytes,
-                   "local_bytes": report.local_bytes, "object_bytes": report.object_bytes,
+                   "local_bytes": report.local_bytes, "object_read_bytes": report.object_read_bytes,
                    "seconds": secs})
         );
     } else {

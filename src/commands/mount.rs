@@ -288,8 +288,9 @@ fn run_mounted(
         })?;
         // Prefetched chunks in flight are memory too: `--mem-cache` covers
         // them and the memory cache proper, so the mount stays within it.
-        // So are the blocks of direct object-tier reads (a quarter, at most
-        // the SDK's default; too little for 4 blocks turns them off).
+        // So are the blocks of direct object-tier reads: a quarter, at most
+        // OBJECT_CACHE (256 MiB); below 8 blocks there are no direct reads
+        // and nothing is set aside.
         let defaults = FsConfig::default();
         let readahead_global = defaults.readahead_global.min((mem_cap / 4).max(4 << 20));
         let object_cache = reader

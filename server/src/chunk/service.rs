@@ -657,6 +657,7 @@ impl Chunk for ChunkService {
         Ok(Response::new(ObjectStoreReply {
             url: self.inner.objects.url().to_string(),
             node_default: self.inner.objects.is_node_default(),
+            s3_endpoint: self.inner.objects.endpoint().to_string(),
         }))
     }
 

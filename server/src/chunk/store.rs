@@ -347,7 +347,8 @@ pub async fn sweep_unregistered(
     let mut removed = Vec::new();
     for id in old.into_iter().filter(|id| !registered.contains(id)) {
         match meta.get_pack(id).await {
-            Ok(p) if !p.moving_to.is_empty() => continue,
+            // Queued for a move, or listed here since the list above.
+            Ok(p) if !p.moving_to.is_empty() || p.replicas.contains(&node_id) => continue,
             Ok(_) => {}
             Err(e) if e.is_not_found() => {}
             Err(e) => {
