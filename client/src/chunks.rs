@@ -140,8 +140,9 @@ struct Inner {
     /// The object tier as this client reads it directly.
     objects: tokio::sync::Mutex<ObjectReads>,
     /// Frame bytes read directly from the object tier.
-    object_bytes: AtomicU64,
-    /// Memory for the block cache of direct object-tier reads.
+    object_read_bytes: AtomicU64,
+    /// Memory for the block cache of direct object-tier reads; 0: no
+    /// direct reads.
     object_cache: AtomicU64,
 }
 
@@ -216,7 +217,7 @@ impl ChunkServers {
             inner: Arc::new(Inner {
                 no_local_reads,
                 no_object_reads,
-                object_cache: AtomicU64::new(OBJECT_CACHE),
+                object_cache: AtomicU64::new(if no_object_reads { 0 } else { OBJECT_CACHE }),
                 ..Inner::default()
             }),
         }
@@ -241,7 +242,7 @@ impl ChunkServers {
 
     /// Frame bytes this client has read directly from the object tier.
     pub fn object_read_bytes(&self) -> u64 {
-        self.inner.object_bytes.load(Ordering::Relaxed)
+        self.inner.object_read_bytes.load(Ordering::Relaxed)
     }
 
     /// The block cache this client reads the object tier through, when it
@@ -250,7 +251,7 @@ impl ChunkServers {
     /// and the tier cannot be read from here).
     async fn object_reader(&self) -> Option<Arc<ObjectBlocks>> {
         let blocks = self.inner.object_cache.load(Ordering::Relaxed) / crate::object_blocks::BLOCK;
-        if self.inner.no_object_reads || blocks == 0 {
+        if blocks == 0 {
             return None;
         }
         let mut state = self.inner.objects.lock().await;
@@ -389,7 +390,7 @@ impl ChunkServers {
         match decode_frames(&[Bytes::from(data)], chunks, &what) {
             Ok(out) => {
                 let total: u64 = ranges.iter().map(|(_, n)| u64::from(*n)).sum();
-                self.inner.object_bytes.fetch_add(total, Ordering::Relaxed);
+                self.inner.object_read_bytes.fetch_add(total, Ordering::Relaxed);
                 if let Some(addr) = touch {
                     self.touch(addr, pack);
                 }

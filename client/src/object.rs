@@ -96,11 +96,12 @@ pub struct PackObject {
 
 /// What a tier is opened for (see [`ObjectTier::for_reads`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
+enum Access<'a> {
     /// A chunk server: reads and writes, creates a `file://` directory.
     Serve,
-    /// A client reading packs directly.
-    Read,
+    /// A client reading packs directly, from a store a chunk server reaches
+    /// at `server_endpoint`.
+    Read { server_endpoint: &'a str },
 }
 
 /// Sets of environment variables, any complete one of which gives
@@ -165,24 +166,7 @@ impl ObjectTier {
     /// 3 s (not three times within 20 s): such a client falls back to
     /// reading through a chunk server, so it must not wait long.
     pub fn for_reads(url: &str, server_endpoint: &str) -> Result<Self, ObjectError> {
-        if url.starts_with("s3://") {
-            let mine = env_endpoint();
-            if mine != server_endpoint.trim_end_matches('/') {
-                let name = |e: &str| {
-                    if e.is_empty() {
-                        "AWS itself".to_string()
-                    } else {
-                        e.to_string()
-                    }
-                };
-                return Err(ObjectError::BadUrl(format!(
-                    "the chunk server reaches {url} at {}, this process at {} (AWS_ENDPOINT)",
-                    name(server_endpoint),
-                    name(&mine)
-                )));
-            }
-        }
-        Self::open(url, Access::Read)
+        Self::open(url, Access::Read { server_endpoint })
     }
 
     /// The S3 endpoint this tier's requests go to (`AWS_ENDPOINT` or
@@ -212,15 +196,33 @@ impl ObjectTier {
                     .map_err(|e| bad(&format!("the key prefix `{prefix}` is invalid: {e}")))?;
                 Some(prefix.to_string())
             };
-            let has = |set: &[&str]| {
-                set.iter()
-                    .all(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
-            };
-            if access == Access::Read && !CREDENTIAL_SETS.iter().any(|set| has(set)) {
-                return Err(bad(&format!(
-                    "no S3 credentials in this process's environment (set {})",
-                    CREDENTIAL_SETS.map(|set| set.join(" and ")).join(", or ")
-                )));
+            let endpoint = env_endpoint();
+            if let Access::Read { server_endpoint } = access {
+                let server_endpoint = server_endpoint.trim_end_matches('/');
+                if endpoint != server_endpoint {
+                    let name = |e: &str| {
+                        if e.is_empty() {
+                            "AWS itself".to_string()
+                        } else {
+                            e.to_string()
+                        }
+                    };
+                    return Err(ObjectError::BadUrl(format!(
+                        "the chunk server reaches {url} at {}, this process at {} (AWS_ENDPOINT)",
+                        name(server_endpoint),
+                        name(&endpoint)
+                    )));
+                }
+                let has = |set: &[&str]| {
+                    set.iter()
+                        .all(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+                };
+                if !CREDENTIAL_SETS.iter().any(|set| has(set)) {
+                    return Err(bad(&format!(
+                        "no S3 credentials in this process's environment (set {})",
+                        CREDENTIAL_SETS.map(|set| set.join(" and ")).join(", or ")
+                    )));
+                }
             }
             // A few quick retries: a reader waiting on a dead endpoint for the
             // default ~3 minutes would hang a mount's read that long.
@@ -230,7 +232,7 @@ impl ObjectTier {
                     retry_timeout: std::time::Duration::from_secs(20),
                     ..Default::default()
                 },
-                Access::Read => object_store::RetryConfig {
+                Access::Read { .. } => object_store::RetryConfig {
                     max_retries: 1,
                     retry_timeout: std::time::Duration::from_secs(3),
                     ..Default::default()
@@ -245,7 +247,7 @@ impl ObjectTier {
             if plain_http {
                 builder = builder.with_allow_http(true);
             }
-            if access == Access::Read {
+            if matches!(access, Access::Read { .. }) {
                 builder = builder.with_config(
                     object_store::aws::AmazonS3ConfigKey::Client(
                         object_store::ClientConfigKey::ConnectTimeout,
@@ -259,7 +261,7 @@ impl ObjectTier {
                 url: url.to_string(),
                 prefix,
                 node_default: false,
-                endpoint: env_endpoint(),
+                endpoint,
             })
         } else if let Some(dir) = url.strip_prefix("file://") {
             if !dir.starts_with('/') {
@@ -269,10 +271,10 @@ impl ObjectTier {
                 Access::Serve => {
                     std::fs::create_dir_all(dir).map_err(|e| bad(&format!("cannot create {dir}: {e}")))?
                 }
-                Access::Read if !FsPath::new(dir).is_dir() => {
+                Access::Read { .. } if !FsPath::new(dir).is_dir() => {
                     return Err(bad(&format!("{dir} is not a directory on this host")))
                 }
-                Access::Read => {}
+                Access::Read { .. } => {}
             }
             let store = LocalFileSystem::new_with_prefix(dir)
                 .map_err(|e| bad(&one_line(e)))?

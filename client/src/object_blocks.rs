@@ -148,8 +148,8 @@ impl ObjectBlocks {
         // Read exactly when the cache is full of blocks still being fetched
         // and this call needs others: more cells would only push it past
         // its size.
-        let crowded = || self.unfilled() >= self.cached_blocks && !self.all_present(key, &ids);
-        if (!sequential && !self.all_cached(key, &ids)) || (sequential && crowded()) {
+        let crowded = || self.unfilled() >= self.cached_blocks && !self.has_all(key, &ids, false);
+        if (!sequential && !self.has_all(key, &ids, true)) || (sequential && crowded()) {
             return self.tier.get_ranges(key, ranges).await;
         }
         let size = match self.known_size(key) {
@@ -262,18 +262,14 @@ impl ObjectBlocks {
         st.blocks.values().filter(|c| !c.initialized()).count()
     }
 
-    /// Whether every block of `ids` is cached or being fetched.
-    fn all_present(&self, key: &str, ids: &[u64]) -> bool {
-        let st = self.state.lock().expect("object block cache lock");
-        ids.iter().all(|&i| st.blocks.contains_key(&(key.to_string(), i)))
-    }
-
-    fn all_cached(&self, key: &str, ids: &[u64]) -> bool {
+    /// Whether every block of `ids` is cached (`filled`), or cached or
+    /// being fetched.
+    fn has_all(&self, key: &str, ids: &[u64], filled: bool) -> bool {
         let st = self.state.lock().expect("object block cache lock");
         ids.iter().all(|&i| {
             st.blocks
                 .get(&(key.to_string(), i))
-                .is_some_and(|c| c.initialized())
+                .is_some_and(|c| !filled || c.initialized())
         })
     }
 
