@@ -22,6 +22,11 @@ pub enum Command {
     /// Run a server node (meta and/or chunk role). No flags: a one-node cluster with both roles.
     Server(ServerArgs),
     /// Upload a directory as a new version of a dataset.
+    ///
+    /// Only chunks the cluster does not have yet are sent. Files unchanged since the last upload
+    /// from this host (same size, mtime, ctime and inode) are not read again (--rehash reads them).
+    /// On the host of a chunk server, new packs are written straight into its data directory and
+    /// handed over (`local_write_bytes` in --json); GRANARY_LOCAL_WRITES=0 streams them instead.
     Upload(UploadArgs),
     /// Download a dataset version into a directory.
     Download(DownloadArgs),

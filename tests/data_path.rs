@@ -959,7 +959,7 @@ async fn killed_upload_commits_nothing_and_rerun_sends_only_the_rest() {
     );
     // The server cleaned up the interrupted sessions: no partial pack is left,
     // and every pack file on disk is registered.
-    let dir = &c.node(1).dir;
+    let dir = &c.node(1).dir.clone();
     let open = pack_files(dir, "open");
     assert!(
         open.is_empty(),
@@ -1031,6 +1031,27 @@ async fn killed_upload_commits_nothing_and_rerun_sends_only_the_rest() {
     );
     let past = reader.read_at("huge.bin", n as u64 + 10, 10).await.unwrap();
     assert!(past.is_empty(), "a read after the end returns nothing");
+    // The killed client was writing its packs straight into the server's
+    // disk; what it left in incoming/ is gone once the server restarts.
+    let left = incoming_files(dir);
+    eprintln!(
+        "the killed upload left {} files in incoming/: {left:?}",
+        left.len()
+    );
+    assert!(
+        left.len() <= 3,
+        "more unfinished packs than the upload had open: {left:?}"
+    );
+    let mut c = c;
+    c.kill(1);
+    c.restart(1);
+    c.wait_leader(&[1], 20 * SEC).await;
+    assert_eq!(
+        incoming_files(dir),
+        Vec::<PathBuf>::new(),
+        "a restarted server kept unfinished packs"
+    );
+    download_matches(&addr, "resume@1", work.path(), &tree);
     // Checked last so that the checks above run even when this fails.
     assert!(
         orphans.is_empty(),
@@ -1183,15 +1204,34 @@ async fn three_nodes_replicate_every_pack_and_survive_a_lost_node() {
 /// server's token from the file the server names: with the token file
 /// changed (as on another host, where that path holds something else or
 /// nothing), every byte comes from the server instead, and is the same.
+/// Files a client left in node `dir`'s `packs/incoming/` (local writes).
+fn incoming_files(dir: &Path) -> Vec<PathBuf> {
+    match fs::read_dir(dir.join("packs/incoming")) {
+        Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
+        Err(e) => panic!("{}: {e}", dir.join("packs/incoming").display()),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn local_reads_need_the_servers_token() {
+async fn local_reads_and_writes_need_the_servers_token() {
     let c = Cluster::start(1).await;
     let addr = c.addr(1);
     let work = tempdir();
     let src = work.path().join("src");
     let (_, total) = random_tree(&src, 2, 20, 100_000..400_000);
     let tree = snapshot(&src);
-    upload_ok(&addr, &src, "lr", &[]);
+    // A client on the server's host writes new packs into its disk.
+    let up = upload_ok(&addr, &src, "lr", &[]);
+    assert!(
+        u(&up, "local_write_bytes") == u(&up, "sent_bytes") && u(&up, "sent_bytes") >= total,
+        "random data, all written locally: {up}"
+    );
+    let dir = &c.node(1).dir;
+    assert_eq!(
+        incoming_files(dir),
+        Vec::<PathBuf>::new(),
+        "handed-over packs stay in incoming/"
+    );
 
     let v = download_matches(&addr, "lr", work.path(), &tree);
     assert!(
@@ -1199,7 +1239,22 @@ async fn local_reads_need_the_servers_token() {
         "random data, all read locally: {v}"
     );
 
-    let token = c.node(1).dir.join("local-read-token");
+    // Told not to, it streams them, and the version reads back the same.
+    let src2 = work.path().join("src2");
+    let (_, total2) = random_tree(&src2, 5, 10, 100_000..400_000);
+    let tree2 = snapshot(&src2);
+    let mut cmd = upload_cmd(&addr, &src2, "streamed", &[]);
+    cmd.env("GRANARY_LOCAL_WRITES", "0");
+    let up = ok_json("upload with local writes off", cmd.output().unwrap());
+    assert!(u(&up, "sent_bytes") >= total2, "{up}");
+    assert_eq!(
+        u(&up, "local_write_bytes"),
+        0,
+        "written locally when told not to: {up}"
+    );
+    download_matches(&addr, "streamed", work.path(), &tree2);
+
+    let token = dir.join("local-read-token");
     assert!(token.exists(), "{} is missing", token.display());
     fs::write(&token, "another host's file").unwrap();
     let v = download_matches(&addr, "lr", work.path(), &tree);
@@ -1207,6 +1262,15 @@ async fn local_reads_need_the_servers_token() {
         u(&v, "local_bytes"),
         0,
         "read locally without the server's token: {v}"
+    );
+    let src3 = work.path().join("src3");
+    random_tree(&src3, 6, 5, 100_000..200_000);
+    let up = upload_ok(&addr, &src3, "other", &[]);
+    assert!(u(&up, "sent_bytes") > 0, "{up}");
+    assert_eq!(
+        u(&up, "local_write_bytes"),
+        0,
+        "written locally without the server's token: {up}"
     );
     fs::remove_file(&token).unwrap();
     let v = download_matches(&addr, "lr", work.path(), &tree);

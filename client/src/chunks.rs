@@ -38,26 +38,21 @@ use bytes::Bytes;
 use granary_core::frame::decode_frame_shared;
 use granary_core::pack::{read_ranges, sealed_pack_path};
 use granary_core::ChunkId;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::chunk_proto::chunk_client::ChunkClient;
 use crate::chunk_proto::{
     FrameRange, GetFramesRequest, LocalReadsRequest, ObjectStoreRequest, PackSession, TouchPacksRequest,
-    WritePackReply, WritePackRequest,
 };
 use crate::error::ClientError;
 use crate::meta::MetaClient;
 use crate::object::{ObjectError, ObjectTier};
 use crate::object_blocks::ObjectBlocks;
+use crate::pack_stream::{LocalIncoming, PackStream};
 use crate::proto::{ChunkLocation, NodeInfo};
 
 /// Largest frame data asked of a chunk server in one call.
 pub const MAX_FETCH: usize = 16 << 20;
-/// Frames are sent to chunk servers in messages of about this size.
-const SEND_MESSAGE: usize = 1 << 20;
 
 /// How the caller of a fetch reads. It tells a chunk server that serves the
 /// pack from the object tier what to get there.
@@ -128,9 +123,11 @@ struct Inner {
     failed: Mutex<HashMap<String, std::time::Instant>>,
     /// `GRANARY_LOCAL_READS=0`: every read goes through `GetFrames`.
     no_local_reads: bool,
-    /// Per chunk server, once asked: its packs directory when this client
-    /// sees the same disk, else `None`.
-    local: Mutex<HashMap<String, Option<PathBuf>>>,
+    /// `GRANARY_LOCAL_WRITES=0`: every new pack is streamed (`WritePack`).
+    no_local_writes: bool,
+    /// Per chunk server, once asked: its directories when this client sees
+    /// the same disk, else `None`.
+    local: Mutex<HashMap<String, Option<LocalServer>>>,
     /// When each (chunk server, pack) read locally was last reported.
     touched: Mutex<HashMap<(String, u64), Instant>>,
     /// Frame bytes read directly from local chunk servers' packs.
@@ -184,6 +181,14 @@ enum ObjectReads {
 /// How often a pack read locally is reported to its chunk server, at most.
 const TOUCH_EVERY: Duration = Duration::from_secs(30);
 
+/// A chunk server on this host, as its `LocalReads` reply describes it.
+#[derive(Debug, Clone)]
+struct LocalServer {
+    packs_dir: PathBuf,
+    /// Where it takes new packs written by clients (`None`: it does not).
+    incoming: Option<LocalIncoming>,
+}
+
 /// Where a pack's copies are, as last heard from meta.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PackCopies {
@@ -194,7 +199,7 @@ struct PackCopies {
 /// How long a chunk server that failed a read is tried after the other replicas.
 const AVOID_FAILED: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn server_err(addr: &str, s: tonic::Status) -> ClientError {
+pub(crate) fn server_err(addr: &str, s: tonic::Status) -> ClientError {
     ClientError::Server {
         code: s.code(),
         message: format!("chunk server {addr}: {}", crate::error::status_cause(&s)),
@@ -204,6 +209,7 @@ fn server_err(addr: &str, s: tonic::Status) -> ClientError {
 impl ChunkServers {
     pub fn new(meta: MetaClient) -> Self {
         let no_local_reads = std::env::var("GRANARY_LOCAL_READS").is_ok_and(|v| v == "0");
+        let no_local_writes = std::env::var("GRANARY_LOCAL_WRITES").is_ok_and(|v| v == "0");
         let no_object_reads = match std::env::var("GRANARY_OBJECT_READS") {
             Ok(v) if matches!(v.as_str(), "server" | "0" | "off") => true,
             Ok(v) if !matches!(v.as_str(), "" | "direct" | "1" | "on") => {
@@ -216,6 +222,7 @@ impl ChunkServers {
             meta,
             inner: Arc::new(Inner {
                 no_local_reads,
+                no_local_writes,
                 no_object_reads,
                 object_cache: AtomicU64::new(if no_object_reads { 0 } else { OBJECT_CACHE }),
                 ..Inner::default()
@@ -409,13 +416,28 @@ impl ChunkServers {
         self.inner.local_bytes.load(Ordering::Relaxed)
     }
 
-    /// The packs directory of chunk server `addr` when this client sees its
-    /// disk: the token file its `LocalReads` names holds its token. Asked
-    /// once per server (again after an error that says nothing).
+    /// The packs directory of chunk server `addr` when this client reads
+    /// its packs directly (see [`local_server`](Self::local_server)).
     async fn local_dir(&self, addr: &str) -> Option<PathBuf> {
         if self.inner.no_local_reads {
             return None;
         }
+        self.local_server(addr).await.map(|l| l.packs_dir)
+    }
+
+    /// Where this client writes new packs for chunk server `addr`, when it
+    /// is on this host and takes them (see [`crate::pack_stream`]).
+    async fn local_incoming(&self, addr: &str) -> Option<LocalIncoming> {
+        if self.inner.no_local_writes {
+            return None;
+        }
+        self.local_server(addr).await.and_then(|l| l.incoming)
+    }
+
+    /// Chunk server `addr`'s directories when this client sees its disk: the
+    /// token file its `LocalReads` names holds its token. Asked once per
+    /// server (again after an error that says nothing).
+    async fn local_server(&self, addr: &str) -> Option<LocalServer> {
         if let Some(known) = self.inner.local.lock().expect("local map lock").get(addr) {
             return known.clone();
         }
@@ -425,22 +447,28 @@ impl ChunkServers {
             Err(s) if s.code() == tonic::Code::Unimplemented => None,
             Err(_) => return None,
         };
-        let dir = match reply {
+        let server = match reply {
             Some(r) if !r.token.is_empty() => {
                 let seen = tokio::fs::read_to_string(&r.token_path).await.ok();
-                (seen.as_deref() == Some(r.token.as_str())).then(|| PathBuf::from(r.packs_dir))
+                (seen.as_deref() == Some(r.token.as_str())).then(|| LocalServer {
+                    packs_dir: PathBuf::from(r.packs_dir),
+                    incoming: (!r.incoming_dir.is_empty()).then(|| LocalIncoming {
+                        dir: PathBuf::from(r.incoming_dir),
+                        reserve: r.reserve_bytes,
+                    }),
+                })
             }
             _ => None,
         };
-        if let Some(d) = &dir {
-            tracing::debug!(addr, dir = %d.display(), "reading this chunk server's packs directly");
+        if let Some(s) = &server {
+            tracing::debug!(addr, dir = %s.packs_dir.display(), "this chunk server is on this host");
         }
         self.inner
             .local
             .lock()
             .expect("local map lock")
-            .insert(addr.to_string(), dir.clone());
-        dir
+            .insert(addr.to_string(), server.clone());
+        server
     }
 
     /// Reads and verifies `chunks` of sealed pack `pack` straight from the
@@ -865,39 +893,40 @@ impl ChunkServers {
 
     /// Opens a pack session: the frames go to `replicas[0]`, which forwards
     /// them to the others; once all have it on disk the pack is registered.
-    pub fn start_pack(&self, id: u64, replicas: &[NodeInfo]) -> Result<PackStream, ClientError> {
+    /// When `replicas[0]` is on this host and its disk has `room` to spare,
+    /// the pack is written straight into it (see [`crate::pack_stream`]).
+    pub async fn start_pack(
+        &self,
+        id: u64,
+        replicas: &[NodeInfo],
+        room: u64,
+    ) -> Result<PackStream, ClientError> {
         let first = replicas
             .first()
             .ok_or_else(|| ClientError::Invalid("a pack needs at least one replica".into()))?;
-        let mut client = self.client(&first.addr)?;
-        let (tx, rx) = mpsc::channel::<WritePackRequest>(4);
+        let client = self.client(&first.addr)?;
         let session = PackSession {
             pack_id: id,
             chain: replicas[1..].iter().map(|n| n.addr.clone()).collect(),
             replica_ids: replicas.iter().map(|n| n.id).collect(),
             register: true,
+            frames_in_incoming: false,
         };
-        tx.try_send(WritePackRequest {
-            session: Some(session),
-            frames: Default::default(),
-            seal: false,
-        })
-        .expect("fresh channel has room");
-        let addr = first.addr.clone();
-        let call = tokio::spawn(async move {
-            client
-                .write_pack(ReceiverStream::new(rx))
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| server_err(&addr, s))
-        });
-        Ok(PackStream {
-            id,
-            tx,
-            call,
-            buf: Vec::with_capacity(SEND_MESSAGE + (256 << 10)),
-            bytes: 0,
-        })
+        if let Some(incoming) = self.local_incoming(&first.addr).await {
+            let local = PackStream::to_incoming(
+                client.clone(),
+                &first.addr,
+                first.id,
+                session.clone(),
+                &incoming,
+                room,
+            )
+            .await;
+            if let Some(stream) = local {
+                return Ok(stream);
+            }
+        }
+        Ok(PackStream::to_server(client, &first.addr, session))
     }
 }
 
@@ -919,67 +948,6 @@ fn split_groups(idxs: &[usize], size: impl Fn(usize) -> usize) -> Vec<Vec<usize>
         groups.push(group);
     }
     groups
-}
-
-/// A pack being streamed to its first replica.
-pub struct PackStream {
-    pub id: u64,
-    tx: mpsc::Sender<WritePackRequest>,
-    call: JoinHandle<Result<WritePackReply, ClientError>>,
-    buf: Vec<u8>,
-    /// Frame bytes added so far.
-    pub bytes: u64,
-}
-
-impl PackStream {
-    /// Adds one encoded frame.
-    pub async fn push(mut self, frame: &[u8]) -> Result<Self, ClientError> {
-        self.buf.extend_from_slice(frame);
-        self.bytes += frame.len() as u64;
-        if self.buf.len() >= SEND_MESSAGE {
-            let frames = std::mem::replace(&mut self.buf, Vec::with_capacity(SEND_MESSAGE + (256 << 10)));
-            let msg = WritePackRequest {
-                session: None,
-                frames: frames.into(),
-                seal: false,
-            };
-            if self.tx.send(msg).await.is_err() {
-                return Err(self.failure().await);
-            }
-        }
-        Ok(self)
-    }
-
-    /// The session's error, once the server has closed it.
-    async fn failure(self) -> ClientError {
-        match self.call.await {
-            Ok(Err(e)) => e,
-            Ok(Ok(_)) => ClientError::Invalid("pack session ended early".into()),
-            Err(e) => ClientError::Invalid(format!("pack session task failed: {e}")),
-        }
-    }
-
-    /// Sends the rest, seals the pack and waits until every replica has it
-    /// on disk and it is registered.
-    pub async fn finish(mut self) -> Result<WritePackReply, ClientError> {
-        let frames = std::mem::take(&mut self.buf);
-        if self
-            .tx
-            .send(WritePackRequest {
-                session: None,
-                frames: frames.into(),
-                seal: true,
-            })
-            .await
-            .is_err()
-        {
-            return Err(self.failure().await);
-        }
-        drop(self.tx);
-        self.call
-            .await
-            .map_err(|e| ClientError::Invalid(format!("pack session task failed: {e}")))?
-    }
 }
 
 /// Verifies and decodes `chunks` from `pieces` (their frames, in order);

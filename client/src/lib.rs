@@ -8,7 +8,8 @@
 //! | [`proto`] | the `Meta` gRPC API (generated): client stubs, and the server trait the meta role implements |
 //! | [`client`] | [`Client`]: the entry point: connect, upload, open a version, download, diff |
 //! | [`meta`] | [`MetaClient`]: datasets, versions, trees, chunk index, packs, nodes, cluster status; fails over between server addresses |
-//! | [`chunks`] | chunk servers: locating chunks, fetching and verifying frames, streaming packs; direct reads of local packs and of the object tier |
+//! | [`chunks`] | chunk servers: locating chunks, fetching and verifying frames, opening pack sessions; direct reads of local packs and of the object tier |
+//! | [`pack_stream`] | a new pack on its way to its first replica: streamed over gRPC, or written straight into a chunk server on this host |
 //! | [`object`] | the object tier: packs in S3 or a local directory (`object_store`), multipart uploads, range reads; used by chunk servers and by clients |
 //! | [`object_blocks`] | frame reads of object-tier packs in cached 16 MiB blocks with readahead |
 //! | [`upload`] | directory -> chunks -> packs -> trees -> version |
@@ -28,6 +29,7 @@ pub mod file_cache;
 pub mod meta;
 pub mod object;
 pub mod object_blocks;
+pub mod pack_stream;
 pub mod upload;
 pub mod version;
 

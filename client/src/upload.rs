@@ -31,10 +31,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::chunk_proto::WritePackReply;
-use crate::chunks::{ChunkServers, PackStream};
+use crate::chunks::ChunkServers;
 use crate::error::ClientError;
 use crate::file_cache::LocalFileCache;
 use crate::meta::MetaClient;
+use crate::pack_stream::PackStream;
 use crate::proto::{CommitRequest, Version, VersionStats};
 
 /// How to upload.
@@ -97,6 +98,9 @@ pub struct UploadReport {
     pub new_bytes: u64,
     /// Bytes sent to chunk servers (frames, after compression).
     pub sent_bytes: u64,
+    /// Of `sent_bytes`, those written straight into a chunk server on this
+    /// host (see [`crate::pack_stream`]).
+    pub local_bytes: u64,
     pub packs: u64,
     pub skipped: Vec<Skipped>,
 }
@@ -253,6 +257,7 @@ async fn upload_once(
         new_chunks: 0,
         new_bytes: 0,
         sent_bytes: 0,
+        local_bytes: 0,
         packs: 0,
     };
     let sent = sender.run(rx).await;
@@ -326,6 +331,7 @@ async fn upload_once(
         new_chunks: sender.new_chunks,
         new_bytes: sender.new_bytes,
         sent_bytes: sender.sent_bytes,
+        local_bytes: sender.local_bytes,
         packs: sender.packs,
         skipped: output.skipped,
     })
@@ -342,6 +348,7 @@ struct Sender<'a> {
     new_chunks: u64,
     new_bytes: u64,
     sent_bytes: u64,
+    local_bytes: u64,
     packs: u64,
 }
 
@@ -403,14 +410,20 @@ impl Sender<'_> {
                 None => {
                     let alloc = self.meta.allocate_pack().await?;
                     self.packs += 1;
-                    self.chunks.start_pack(alloc.id, &alloc.replicas)?
+                    self.chunks
+                        .start_pack(alloc.id, &alloc.replicas, self.opts.pack_size)
+                        .await?
                 }
             };
-            let stream = stream.push(&f.frame).await?;
+            let len = f.frame.len() as u64;
+            if stream.is_local() {
+                self.local_bytes += len;
+            }
+            let stream = stream.push(f.frame).await?;
             self.new_chunks += 1;
             self.new_bytes += f.raw_len as u64;
-            self.sent_bytes += f.frame.len() as u64;
-            self.progress.sent(f.frame.len() as u64);
+            self.sent_bytes += len;
+            self.progress.sent(len);
             if stream.bytes >= self.opts.pack_size {
                 self.inflight.push_back(tokio::spawn(stream.finish()));
                 while self.inflight.len() > self.opts.parallel_packs.max(1) {

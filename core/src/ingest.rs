@@ -354,6 +354,11 @@ pub fn ingest_dir(
         files
             .iter()
             .enumerate()
+            .inspect(|(i, _)| {
+                if let Some(ahead) = files.get(i + READ_AHEAD_FILES) {
+                    worker.read_ahead(ahead);
+                }
+            })
             .par_bridge()
             .map(|(i, job)| worker.process(job).map(|r| (i, r)))
             .collect::<Result<_, _>>()
@@ -460,7 +465,32 @@ struct FileWorker<'a> {
     progress: &'a dyn Progress,
 }
 
+/// How many files ahead of the one a thread takes next the kernel is asked
+/// to start reading ([`FileWorker::read_ahead`]).
+const READ_AHEAD_FILES: usize = 8;
+
 impl FileWorker<'_> {
+    /// Asks the kernel to start reading the start of `job` (up to one
+    /// block), unless the file cache will answer for it. A thread that then
+    /// opens it finds its data on the way instead of waiting for the disk
+    /// on its first read: with many small files that wait left the cores
+    /// idle about a tenth of the time.
+    fn read_ahead(&self, job: &FileJob) {
+        if job.meta.len() == 0
+            || self
+                .cache
+                .is_some_and(|c| c.lookup(&job.path, &job.meta).is_some())
+        {
+            return;
+        }
+        if let Ok(file) = File::open(&job.path) {
+            use std::os::fd::AsRawFd;
+            let len = job.meta.len().min(self.block_size as u64) as libc::off_t;
+            // SAFETY: a plain syscall on an open descriptor; only a hint.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, len, libc::POSIX_FADV_WILLNEED) };
+        }
+    }
+
     fn process(&self, job: &FileJob) -> Result<FileResult, IngestError> {
         let path = &job.path;
         if let Some(chunks) = self.cache.and_then(|c| c.lookup(path, &job.meta)) {

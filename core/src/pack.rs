@@ -24,15 +24,17 @@
 //! The footer can also be parsed from byte ranges alone ([`Trailer::parse`],
 //! [`parse_index`]), which is how object-tier packs are read with range GETs.
 
+mod adopt;
 mod files;
 mod format;
 mod reader;
 mod writer;
 
+pub use adopt::AdoptedPack;
 pub use files::{read_ranges, sealed_pack_path, shard_dir};
 pub use format::{
-    encode_footer, parse_header, parse_index, IndexEntry, Trailer, INDEX_ENTRY_LEN, PACK_HEADER_LEN,
-    PACK_MAGIC, PACK_VERSION, TRAILER_LEN, TRAILER_MAGIC,
+    encode_footer, encode_header, parse_header, parse_index, IndexEntry, Trailer, INDEX_ENTRY_LEN,
+    PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION, TRAILER_LEN, TRAILER_MAGIC,
 };
 pub use reader::{PackReader, VerifyReport};
 pub use writer::{PackWriter, Recovery, SealedPack, DEFAULT_PACK_TARGET};

@@ -136,9 +136,18 @@ impl Cluster {
 
     /// Typed reads of this node's applied state.
     pub fn reader(&self) -> Reader<'_> {
-        Reader {
-            db: self.inner.node.db(),
-        }
+        Reader::new(self.inner.node.db())
+    }
+
+    /// A snapshot of the state, for [`reader_at`](Self::reader_at).
+    pub fn snapshot(&self) -> rocksdb::Snapshot<'_> {
+        self.inner.node.db().snapshot()
+    }
+
+    /// Reads of the state as of `snapshot`: several reads that must agree
+    /// with each other while later entries apply.
+    pub fn reader_at<'a>(&'a self, snapshot: &'a rocksdb::Snapshot<'a>) -> Reader<'a> {
+        Reader::at(self.inner.node.db(), snapshot)
     }
 
     /// True while this node is the Raft leader.

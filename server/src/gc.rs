@@ -554,6 +554,7 @@ async fn compact_to_ssd(
             chain: replicas[1..].iter().map(|n| n.addr.clone()).collect(),
             replica_ids: replicas.iter().map(|n| n.id).collect(),
             register: false,
+            frames_in_incoming: false,
         }),
         frames: Default::default(),
         seal: false,

@@ -339,9 +339,11 @@ async fn register_node(
     node.write(cmd.encode()).await.map(|_| ())
 }
 
-/// Periodically removes sealed packs that were never registered.
+/// Periodically removes sealed packs that were never registered, and packs
+/// clients on this host wrote into `incoming/` and never handed over.
 async fn sweep_loop(store: PackStore, cfg: ServerConfig) {
     let grace = crate::chunk::store::unregistered_grace();
+    let incoming_grace = crate::chunk::store::incoming_grace();
     let every = grace.clamp(Duration::from_secs(1), Duration::from_secs(60));
     let Ok(meta) = MetaClient::connect(std::slice::from_ref(&cfg.listen)) else {
         return;
@@ -349,6 +351,8 @@ async fn sweep_loop(store: PackStore, cfg: ServerConfig) {
     loop {
         tokio::time::sleep(every).await;
         crate::chunk::store::sweep_unregistered(&store, &meta, cfg.node_id, grace).await;
+        let s = store.clone();
+        let _ = tokio::task::spawn_blocking(move || s.sweep_incoming(incoming_grace)).await;
     }
 }
 

@@ -140,7 +140,7 @@ pub fn upload(args: &UploadArgs) -> anyhow::Result<()> {
                 "files": r.stats.files, "dirs": r.stats.dirs, "symlinks": r.stats.symlinks,
                 "bytes": r.stats.bytes, "chunks": r.stats.chunks, "unique_chunks": r.stats.unique_chunks,
                 "new_chunks": r.new_chunks, "new_bytes": r.new_bytes, "sent_bytes": r.sent_bytes,
-                "packs": r.packs, "seconds": secs, "cached_files": r.stats.cached_files,
+                "local_write_bytes": r.local_bytes, "packs": r.packs, "seconds": secs, "cached_files": r.stats.cached_files,
                 "dedup_ratio": if r.new_bytes == 0 { serde_json::Value::Null } else { json!(r.dedup_ratio()) },
                 "skipped": skipped,
             })

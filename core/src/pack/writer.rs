@@ -141,6 +141,27 @@ impl PackWriter {
         ))
     }
 
+    /// A writer for a file whose header and verified frames are already
+    /// there (see [`AdoptedPack`](super::AdoptedPack)), positioned at its end.
+    pub(super) fn from_parts(
+        file: File,
+        path: PathBuf,
+        header: [u8; PACK_HEADER_LEN],
+        pack_id: u64,
+        len: u64,
+        entries: Vec<IndexEntry>,
+    ) -> Self {
+        Self {
+            file: BufWriter::with_capacity(1 << 20, file),
+            path,
+            header,
+            pack_id,
+            len,
+            entries,
+            scratch: Vec::new(),
+        }
+    }
+
     /// Encodes `raw` (whose id is `id`) as a frame and appends it.
     pub fn append_chunk(&mut self, id: &ChunkId, raw: &[u8]) -> Result<IndexEntry, PackError> {
         let mut frame = std::mem::take(&mut self.scratch);
@@ -173,7 +194,7 @@ impl PackWriter {
     /// least as large. Returns how many frames it held.
     pub fn append_frames(&mut self, run: &[u8]) -> Result<usize, PackError> {
         let mut scratch = std::mem::take(&mut self.scratch);
-        let verified = self.index_run(run, &mut scratch);
+        let verified = index_run(&self.path, self.len, run, &mut scratch);
         self.scratch = scratch;
         let entries = verified?;
         let n = entries.len();
@@ -183,32 +204,6 @@ impl PackWriter {
         self.len += run.len() as u64;
         self.entries.extend(entries);
         Ok(n)
-    }
-
-    /// The index entries of a run of frames that would start at `self.len`,
-    /// each frame verified.
-    fn index_run(&self, run: &[u8], scratch: &mut Vec<u8>) -> Result<Vec<IndexEntry>, PackError> {
-        let mut entries = Vec::new();
-        let mut pos = 0;
-        while pos < run.len() {
-            let offset = self.len + pos as u64;
-            let bad = |source| PackError::BadFrame {
-                path: self.path.clone(),
-                offset,
-                source,
-            };
-            let len = FrameHeader::parse(&run[pos..]).map_err(bad)?.frame_len();
-            let end = (pos + len).min(run.len());
-            let h = verify_frame(&run[pos..end], scratch).map_err(bad)?;
-            entries.push(IndexEntry {
-                id: h.id,
-                offset,
-                stored_len: h.stored_len,
-                raw_len: h.raw_len,
-            });
-            pos = end;
-        }
-        Ok(entries)
     }
 
     fn write_frame(&mut self, frame: &[u8]) -> Result<IndexEntry, PackError> {
@@ -290,6 +285,37 @@ impl std::os::unix::io::AsRawFd for PackWriter {
     fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
         self.file.get_ref().as_raw_fd()
     }
+}
+
+/// The index entries of `run`, a run of frames that starts at file offset
+/// `base` of the pack at `path`, each frame verified completely.
+pub(super) fn index_run(
+    path: &Path,
+    base: u64,
+    run: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<Vec<IndexEntry>, PackError> {
+    let mut entries = Vec::new();
+    let mut pos = 0;
+    while pos < run.len() {
+        let offset = base + pos as u64;
+        let bad = |source| PackError::BadFrame {
+            path: path.to_path_buf(),
+            offset,
+            source,
+        };
+        let len = FrameHeader::parse(&run[pos..]).map_err(bad)?.frame_len();
+        let end = (pos + len).min(run.len());
+        let h = verify_frame(&run[pos..end], scratch).map_err(bad)?;
+        entries.push(IndexEntry {
+            id: h.id,
+            offset,
+            stored_len: h.stored_len,
+            raw_len: h.raw_len,
+        });
+        pos = end;
+    }
+    Ok(entries)
 }
 
 /// True when the file ends in a trailer that matches its size.

@@ -9,7 +9,7 @@ use granary_client::chunk_proto::*;
 use granary_client::object_blocks::ObjectBlocks;
 use granary_client::proto::{ChunkLocation, PackInfo, RegisterPackRequest};
 use granary_client::MetaClient;
-use granary_core::pack::SealedPack;
+use granary_core::pack::{PackWriter, SealedPack};
 use granary_core::PackError;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -311,104 +311,23 @@ impl ChunkService {
         &self,
         session: &PackSession,
         first: WritePackRequest,
-        mut rest: Streaming<WritePackRequest>,
+        rest: Streaming<WritePackRequest>,
     ) -> Result<WritePackReply, Status> {
         let node = self.inner.node_id;
         let id = session.pack_id;
-        let mut writer = self
-            .inner
-            .store
-            .create(id)
-            .map_err(|e| pack_status(node, id, e))?;
-
-        // Forward the stream down the chain while writing locally.
-        let (down_tx, downstream) = match session.chain.split_first() {
-            Some((next, later)) => {
-                let (tx, rx) = mpsc::channel::<WritePackRequest>(8);
-                let mut client = self.peer(next)?;
-                let next = next.clone();
-                let first = WritePackRequest {
-                    session: Some(PackSession {
-                        pack_id: id,
-                        chain: later.to_vec(),
-                        replica_ids: session.replica_ids.clone(),
-                        register: false,
-                    }),
-                    frames: Default::default(),
-                    seal: false,
-                };
-                tx.send(first)
-                    .await
-                    .map_err(|_| Status::internal("downstream channel closed"))?;
-                let call = tokio::spawn(async move {
-                    client
-                        .write_pack(ReceiverStream::new(rx))
-                        .await
-                        .map(|r| r.into_inner())
-                        .map_err(|s| {
-                            Status::unavailable(format!(
-                                "replica {next} failed: {}",
-                                granary_client::error::status_cause(&s)
-                            ))
-                        })
-                });
-                (Some(tx), Some(call))
+        let (down_tx, mut downstream) = self.downstream(session).await?;
+        let writer = if session.frames_in_incoming {
+            if !first.frames.is_empty() || !first.seal {
+                return Err(Status::invalid_argument(
+                    "a pack written into incoming/ is handed over in one message, with seal set and no frames",
+                ));
             }
-            None => (None, None),
+            self.receive_incoming(id, down_tx.as_ref(), &mut downstream)
+                .await?
+        } else {
+            self.receive_stream(id, first, rest, down_tx.as_ref(), &mut downstream)
+                .await?
         };
-
-        let full = |(free, reserve): (u64, u64)| {
-            Status::resource_exhausted(format!(
-                "chunk server {node} is out of disk space ({} MiB free, {} MiB kept for metadata); \
-                 free space or add chunk servers",
-                free >> 20,
-                reserve >> 20
-            ))
-        };
-        self.inner.store.check_space(WRITEBACK_STEP).map_err(full)?;
-        let mut msg = first;
-        let mut written_back = 0u64;
-        let mut downstream = downstream;
-        loop {
-            let seal = msg.seal;
-            if !msg.frames.is_empty() || seal {
-                if let Some(tx) = &down_tx {
-                    let forward = WritePackRequest {
-                        session: None,
-                        frames: msg.frames.clone(),
-                        seal,
-                    };
-                    if tx.send(forward).await.is_err() {
-                        // The next replica gave up: report its own error.
-                        return Err(downstream_error(downstream.take()).await);
-                    }
-                }
-                let buf = std::mem::take(&mut msg.frames);
-                let store = &self.inner.store;
-                writer = tokio::task::block_in_place(|| {
-                    let mut w = writer;
-                    w.append_frames(&buf)?;
-                    if w.len() - written_back >= WRITEBACK_STEP {
-                        store.start_writeback(&mut w, written_back)?;
-                        written_back = w.len();
-                        if let Err(space) = store.check_space(WRITEBACK_STEP) {
-                            return Ok(Err(space));
-                        }
-                    }
-                    Ok(Ok(w))
-                })
-                .map_err(|e| pack_status(node, id, e))?
-                .map_err(full)?;
-            }
-            if seal {
-                break;
-            }
-            msg = rest.message().await?.ok_or_else(|| {
-                Status::aborted(format!(
-                    "the session for pack {id} ended before the pack was complete"
-                ))
-            })?;
-        }
         drop(down_tx);
         let store = self.inner.store.clone();
         let sealed =
@@ -417,6 +336,7 @@ impl ChunkService {
         // it runs in its own task: wait for the rest of the chain, register.
         let this = self.clone();
         let register = session.register;
+        let downstream = downstream.take();
         let replica_ids = session.replica_ids.clone();
         tokio::spawn(async move {
             // Whether the pack may be registered despite the error (the
@@ -451,6 +371,147 @@ impl ChunkService {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    /// Starts the session with the next replica of the chain, if any: the
+    /// channel to send it frames on, and the call's outcome.
+    async fn downstream(&self, session: &PackSession) -> Result<(Option<DownTx>, Option<DownCall>), Status> {
+        let Some((next, later)) = session.chain.split_first() else {
+            return Ok((None, None));
+        };
+        let (tx, rx) = mpsc::channel::<WritePackRequest>(8);
+        let mut client = self.peer(next)?;
+        let next = next.clone();
+        let first = WritePackRequest {
+            session: Some(PackSession {
+                pack_id: session.pack_id,
+                chain: later.to_vec(),
+                replica_ids: session.replica_ids.clone(),
+                register: false,
+                frames_in_incoming: false,
+            }),
+            frames: Default::default(),
+            seal: false,
+        };
+        tx.send(first)
+            .await
+            .map_err(|_| Status::internal("downstream channel closed"))?;
+        let call = tokio::spawn(async move {
+            client
+                .write_pack(ReceiverStream::new(rx))
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| {
+                    Status::unavailable(format!(
+                        "replica {next} failed: {}",
+                        granary_client::error::status_cause(&s)
+                    ))
+                })
+        });
+        Ok((Some(tx), Some(call)))
+    }
+
+    /// Writes the frames a client streams into a new pack file, forwarding
+    /// each message down the chain, until the message that seals it.
+    async fn receive_stream(
+        &self,
+        id: u64,
+        first: WritePackRequest,
+        mut rest: Streaming<WritePackRequest>,
+        down_tx: Option<&DownTx>,
+        downstream: &mut Option<DownCall>,
+    ) -> Result<PackWriter, Status> {
+        let node = self.inner.node_id;
+        let mut writer = self
+            .inner
+            .store
+            .create(id)
+            .map_err(|e| pack_status(node, id, e))?;
+        let full = |(free, reserve): (u64, u64)| {
+            Status::resource_exhausted(format!(
+                "chunk server {node} is out of disk space ({} MiB free, {} MiB kept for metadata); \
+                 free space or add chunk servers",
+                free >> 20,
+                reserve >> 20
+            ))
+        };
+        self.inner.store.check_space(WRITEBACK_STEP).map_err(full)?;
+        let mut msg = first;
+        let mut written_back = 0u64;
+        loop {
+            let seal = msg.seal;
+            if !msg.frames.is_empty() || seal {
+                if let Some(tx) = down_tx {
+                    let forward = WritePackRequest {
+                        session: None,
+                        frames: msg.frames.clone(),
+                        seal,
+                    };
+                    if tx.send(forward).await.is_err() {
+                        // The next replica gave up: report its own error.
+                        return Err(downstream_error(downstream.take()).await);
+                    }
+                }
+                let buf = std::mem::take(&mut msg.frames);
+                let store = &self.inner.store;
+                writer = tokio::task::block_in_place(|| {
+                    let mut w = writer;
+                    w.append_frames(&buf)?;
+                    if w.len() - written_back >= WRITEBACK_STEP {
+                        store.start_writeback(&mut w, written_back)?;
+                        written_back = w.len();
+                        if let Err(space) = store.check_space(WRITEBACK_STEP) {
+                            return Ok(Err(space));
+                        }
+                    }
+                    Ok(Ok(w))
+                })
+                .map_err(|e| pack_status(node, id, e))?
+                .map_err(full)?;
+            }
+            if seal {
+                return Ok(writer);
+            }
+            msg = rest.message().await?.ok_or_else(|| {
+                Status::aborted(format!(
+                    "the session for pack {id} ended before the pack was complete"
+                ))
+            })?;
+        }
+    }
+
+    /// Takes over the pack a client on this host wrote into `incoming/`:
+    /// verifies every frame (as if it had been streamed) and forwards them
+    /// down the chain; the file is then sealed where it is and renamed into
+    /// place, so its bytes are written to this disk once.
+    async fn receive_incoming(
+        &self,
+        id: u64,
+        down_tx: Option<&DownTx>,
+        downstream: &mut Option<DownCall>,
+    ) -> Result<PackWriter, Status> {
+        let node = self.inner.node_id;
+        let store = &self.inner.store;
+        let mut adopted =
+            tokio::task::block_in_place(|| store.adopt(id)).map_err(|e| pack_status(node, id, e))?;
+        loop {
+            let run =
+                tokio::task::block_in_place(|| adopted.next_run()).map_err(|e| pack_status(node, id, e))?;
+            let seal = run.is_none();
+            if let Some(tx) = down_tx {
+                let forward = WritePackRequest {
+                    session: None,
+                    frames: run.clone().unwrap_or_default(),
+                    seal,
+                };
+                if tx.send(forward).await.is_err() {
+                    return Err(downstream_error(downstream.take()).await);
+                }
+            }
+            if seal {
+                return adopted.into_writer().map_err(|e| pack_status(node, id, e));
+            }
+        }
     }
 
     /// Registers a sealed pack and its chunks in meta. An error that leaves
@@ -512,6 +573,11 @@ fn is_refusal(e: &granary_client::ClientError) -> bool {
         Some(Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::FailedPrecondition)
     )
 }
+
+/// Frames on their way to the next replica of a pack session.
+type DownTx = mpsc::Sender<WritePackRequest>;
+/// The next replica's pack session.
+type DownCall = JoinHandle<Result<WritePackReply, Status>>;
 
 /// The error of a downstream replica's session (which has ended).
 async fn downstream_error(call: Option<JoinHandle<Result<WritePackReply, Status>>>) -> Status {
@@ -663,10 +729,13 @@ impl Chunk for ChunkService {
 
     async fn local_reads(&self, _: Request<LocalReadsRequest>) -> Result<Response<LocalReadsReply>, Status> {
         let t = &self.inner.local_token;
+        let store = &self.inner.store;
         Ok(Response::new(LocalReadsReply {
-            packs_dir: self.inner.store.dir().to_string_lossy().into_owned(),
+            packs_dir: store.dir().to_string_lossy().into_owned(),
             token_path: t.path.to_string_lossy().into_owned(),
             token: t.token.clone(),
+            incoming_dir: store.incoming_dir().to_string_lossy().into_owned(),
+            reserve_bytes: store.reserve(),
         }))
     }
 

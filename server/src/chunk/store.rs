@@ -4,8 +4,11 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use granary_core::pack::{PackReader, PackWriter, SealedPack};
+use granary_core::pack::{AdoptedPack, PackReader, PackWriter, SealedPack};
 use granary_core::PackError;
+
+/// The directory in the packs directory where clients on this host write new packs.
+const INCOMING: &str = "incoming";
 
 /// The packs of one chunk server.
 #[derive(Debug, Clone)]
@@ -19,9 +22,23 @@ pub struct PackStore {
 
 impl PackStore {
     /// Opens `dir`, removing `.open` files left by sessions that a crash
-    /// interrupted (they were never registered, so nothing refers to them).
+    /// interrupted (they were never registered, so nothing refers to them),
+    /// and packs that clients on this host left unfinished in
+    /// [`incoming`](Self::incoming_dir).
     pub fn open(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let incoming = dir.join(INCOMING);
+        std::fs::create_dir_all(&incoming)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Only this server's user writes there.
+            std::fs::set_permissions(&incoming, std::fs::Permissions::from_mode(0o700))?;
+        }
+        for f in std::fs::read_dir(&incoming)? {
+            let p = f?.path();
+            tracing::info!(path = %p.display(), "removing a pack a client left unfinished");
+            std::fs::remove_file(&p)?;
+        }
         for shard in std::fs::read_dir(dir)? {
             let shard = shard?.path();
             if !shard.is_dir() {
@@ -49,6 +66,79 @@ impl PackStore {
     /// The packs directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Where clients on this host write new packs for this server to adopt
+    /// ([`adopt`](Self::adopt)): `incoming/` in the packs directory, so a
+    /// pack moves to its place with a rename.
+    pub fn incoming_dir(&self) -> PathBuf {
+        self.dir.join(INCOMING)
+    }
+
+    fn incoming_path(&self, id: u64) -> PathBuf {
+        self.incoming_dir().join(format!("{id}.part"))
+    }
+
+    /// Opens pack `id` that a client on this host wrote into
+    /// [`incoming`](Self::incoming_dir), for verifying and sealing in place.
+    /// It must be a plain file (not a link) with no other name, owned by
+    /// this server's user: a client that can create such a file could
+    /// write the packs directory anyway, and a file with another name (a
+    /// hard link to a sealed pack, say) is never appended to.
+    pub fn adopt(&self, id: u64) -> Result<AdoptedPack, PackError> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let shard = self.shard(id);
+        std::fs::create_dir_all(&shard).map_err(|source| PackError::Io { path: shard, source })?;
+        let path = self.incoming_path(id);
+        let io = |source| PackError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if !meta.is_file() || meta.nlink() != 1 || meta.uid() != euid {
+            return Err(io(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "not a plain file of this server's user (uid {euid}) with one name;                      it was not written by a client of this server"
+                ),
+            )));
+        }
+        AdoptedPack::open(file, &path, id)
+    }
+
+    /// Removes the client-written file of pack `id` once it is sealed
+    /// elsewhere or refused.
+    pub fn drop_incoming(&self, id: u64) {
+        let _ = std::fs::remove_file(self.incoming_path(id));
+    }
+
+    /// Removes files in [`incoming`](Self::incoming_dir) not modified for
+    /// `grace`: packs whose client died before handing them over. Returns
+    /// how many.
+    pub fn sweep_incoming(&self, grace: std::time::Duration) -> usize {
+        let Ok(rd) = std::fs::read_dir(self.incoming_dir()) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for f in rd.flatten() {
+            let old = f
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() >= grace);
+            if old && std::fs::remove_file(f.path()).is_ok() {
+                tracing::info!(path = %f.path().display(), "removed a pack a client left unfinished");
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// Where sealed pack `id` lives.
@@ -156,9 +246,10 @@ impl PackStore {
         std::fs::remove_file(self.sealed_path(id)).is_ok()
     }
 
-    /// Drops an unfinished pack.
+    /// Drops an unfinished pack (also one a client wrote into `incoming/`).
     pub fn abort(&self, id: u64) {
         let _ = std::fs::remove_file(self.open_path(id));
+        self.drop_incoming(id);
     }
 
     /// Deletes sealed pack `id` (one that will never be registered); true if
@@ -249,18 +340,10 @@ impl PackStore {
 
     /// (capacity, used) bytes of the filesystem holding the packs.
     pub fn usage(&self) -> (u64, u64) {
-        let Ok(c) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) else {
-            return (0, 0);
-        };
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: `c` is a NUL-terminated path and `st` a valid out-pointer.
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            return (0, 0);
+        match granary_client::pack_stream::disk_space(&self.dir) {
+            Some((capacity, free)) => (capacity, capacity.saturating_sub(free)),
+            None => (0, 0),
         }
-        let frsize = st.f_frsize as u64;
-        let capacity = st.f_blocks as u64 * frsize;
-        let free = st.f_bavail as u64 * frsize;
-        (capacity, capacity.saturating_sub(free))
     }
 }
 
@@ -307,6 +390,14 @@ fn check_pack(path: &Path, id: u64, full: bool) -> Result<u64, String> {
 /// `GRANARY_PACK_GRACE_SECS` overrides the default of 10 minutes (tests use seconds).
 pub fn unregistered_grace() -> std::time::Duration {
     crate::settings::env_secs("GRANARY_PACK_GRACE_SECS", 600)
+}
+
+/// How long a pack a client writes into `incoming/` may go unmodified
+/// before the sweep removes it (its client died before handing it over).
+/// Longer than any pause of a live upload: a removed file fails that
+/// upload. `GRANARY_INCOMING_GRACE_SECS` overrides the default of an hour.
+pub fn incoming_grace() -> std::time::Duration {
+    crate::settings::env_secs("GRANARY_INCOMING_GRACE_SECS", 3600)
 }
 
 /// Removes sealed packs older than `grace` that meta does not list for this
@@ -390,6 +481,61 @@ impl LocalReadToken {
 #[cfg(test)]
 mod tests {
     use super::PackStore;
+
+    /// A pack a client would write into `incoming/`: header and two frames.
+    fn client_pack(store: &PackStore, id: u64) -> std::path::PathBuf {
+        let mut bytes = granary_core::pack::encode_header(id).to_vec();
+        for raw in [&b"first chunk"[..], &[7u8; 5000][..]] {
+            bytes.extend(granary_core::frame::frame_chunk(raw).1);
+        }
+        let path = store.incoming_dir().join(format!("{id}.part"));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn adopting_takes_only_a_plain_file_with_one_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PackStore::open(&dir.path().join("packs")).unwrap();
+
+        // A plain file: verified, sealed in place and moved to its shard.
+        client_pack(&store, 1);
+        let mut adopted = store.adopt(1).unwrap();
+        while adopted.next_run().unwrap().is_some() {}
+        let sealed = store.finish(adopted.into_writer().unwrap()).unwrap();
+        assert_eq!(sealed.path, store.sealed_path(1));
+        assert_eq!(sealed.entries.len(), 2);
+        assert!(super::verify_pack(&store.sealed_path(1), 1).is_ok());
+        assert!(!store.incoming_dir().join("1.part").exists());
+
+        // A second name (a hard link to it elsewhere): never appended to.
+        let path = client_pack(&store, 2);
+        let other = dir.path().join("other-name");
+        std::fs::hard_link(&path, &other).unwrap();
+        let e = store
+            .adopt(2)
+            .err()
+            .expect("adopted a file with two names")
+            .to_string();
+        assert!(e.contains("one name"), "{e}");
+
+        // A symlink to a file: not followed.
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"not a pack").unwrap();
+        std::os::unix::fs::symlink(&target, store.incoming_dir().join("3.part")).unwrap();
+        assert!(store.adopt(3).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"not a pack");
+
+        // Missing: an error naming the file.
+        let e = store.adopt(4).err().expect("adopted a missing file").to_string();
+        assert!(e.contains("4.part"), "{e}");
+
+        // A restart removes what clients left.
+        drop(store);
+        let store = PackStore::open(&dir.path().join("packs")).unwrap();
+        assert_eq!(std::fs::read_dir(store.incoming_dir()).unwrap().count(), 0);
+        assert!(store.sealed_path(1).is_file());
+    }
 
     #[test]
     fn read_ranges_joins_adjacent_ranges_and_refuses_ranges_outside_the_pack() {

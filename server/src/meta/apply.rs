@@ -28,7 +28,7 @@ impl App for MetaApp {
     fn apply(&self, db: &DB, batch: &mut WriteBatch, index: u64, command: &[u8]) -> Vec<u8> {
         let result = match MetaCommand::decode(command) {
             Ok(cmd) => Applier {
-                r: Reader { db },
+                r: Reader::new(db),
                 batch,
             }
             .apply(cmd),
@@ -683,7 +683,7 @@ mod tests {
             commit(&db, "ds", &root, None),
             Err(MetaError::FailedPrecondition(_))
         ));
-        assert!(Reader { db: &db }.dataset_record("ds").unwrap().is_none());
+        assert!(Reader::new(&db).dataset_record("ds").unwrap().is_none());
         apply(
             &db,
             MetaCommand::PutTrees {
@@ -699,7 +699,7 @@ mod tests {
             );
         }
         apply(&db, MetaCommand::DeleteDataset { name: "ds".into() }).unwrap();
-        assert!(Reader { db: &db }.dataset("ds").unwrap().is_none());
+        assert!(Reader::new(&db).dataset("ds").unwrap().is_none());
         // Recreated: numbering continues at 3, so "ds@1" never names two versions.
         assert!(matches!(
             commit(&db, "ds", &root, None),
@@ -797,7 +797,7 @@ mod tests {
     fn gc_sweep_deletes_dead_data_and_keeps_what_arrived_after_the_mark() {
         let dir = tempfile::tempdir().unwrap();
         let db = granary_raft::store::open_db(dir.path(), COLUMN_FAMILIES).unwrap();
-        let r = Reader { db: &db };
+        let r = Reader::new(&db);
         // Old, unreferenced data: swept, and its pack forgotten.
         let (root, chunk, pack) = store_file(&db, b"old", 1, 1);
         let mark = r.counter(COUNTER_TREE_SEQ).unwrap();
@@ -837,7 +837,7 @@ mod tests {
     fn gc_sweep_keeps_a_pack_the_mover_is_moving_until_the_move_ends() {
         let dir = tempfile::tempdir().unwrap();
         let db = granary_raft::store::open_db(dir.path(), COLUMN_FAMILIES).unwrap();
-        let r = Reader { db: &db };
+        let r = Reader::new(&db);
         let (root, chunk, pack) = store_file(&db, b"moving", 1, 1);
         let queue = MetaCommand::QueueMoves {
             packs: vec![pack],
@@ -893,7 +893,7 @@ mod tests {
     fn a_move_ends_only_as_queued_and_replica_changes_are_compare_and_set() {
         let dir = tempfile::tempdir().unwrap();
         let db = granary_raft::store::open_db(dir.path(), COLUMN_FAMILIES).unwrap();
-        let r = Reader { db: &db };
+        let r = Reader::new(&db);
         let (_, _, pack) = store_file(&db, b"data", 7, 1);
         let queue = |to: &str, now_ms| MetaCommand::QueueMoves {
             packs: vec![pack],
@@ -1012,7 +1012,7 @@ mod tests {
     fn packs_always_keep_a_copy_and_compaction_repoints_only_its_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let db = granary_raft::store::open_db(dir.path(), COLUMN_FAMILIES).unwrap();
-        let r = Reader { db: &db };
+        let r = Reader::new(&db);
         let (_, chunk, pack) = store_file(&db, b"data", 7, 1);
         // Finishing a move to the object tier without an object copy is refused.
         let finish = |drop_object| MetaCommand::FinishMove {

@@ -230,9 +230,33 @@ pub fn version_prefix(dataset: &str) -> Vec<u8> {
 /// entries) and the service (which reads committed state).
 pub struct Reader<'a> {
     pub db: &'a DB,
+    /// Reads see this snapshot instead of the latest state: a view made of
+    /// several reads that must agree (`tier status`) while entries apply.
+    snapshot: Option<&'a rocksdb::Snapshot<'a>>,
 }
 
 impl<'a> Reader<'a> {
+    /// Reads of the latest state.
+    pub fn new(db: &'a DB) -> Self {
+        Self { db, snapshot: None }
+    }
+
+    /// Reads of the state as it was when `snapshot` was taken.
+    pub fn at(db: &'a DB, snapshot: &'a rocksdb::Snapshot<'a>) -> Self {
+        Self {
+            db,
+            snapshot: Some(snapshot),
+        }
+    }
+
+    fn opts(&self) -> rocksdb::ReadOptions {
+        let mut o = rocksdb::ReadOptions::default();
+        if let Some(s) = self.snapshot {
+            o.set_snapshot(s);
+        }
+        o
+    }
+
     pub fn cf(&self, name: &str) -> &'a rocksdb::ColumnFamily {
         self.db
             .cf_handle(name)
@@ -240,7 +264,11 @@ impl<'a> Reader<'a> {
     }
 
     pub fn get<T: DeserializeOwned>(&self, cf: &str, key: &[u8]) -> Result<Option<T>, String> {
-        match self.db.get_cf(self.cf(cf), key).map_err(|e| e.to_string())? {
+        match self
+            .db
+            .get_cf_opt(self.cf(cf), key, &self.opts())
+            .map_err(|e| e.to_string())?
+        {
             Some(v) => decode(&v).map(Some),
             None => Ok(None),
         }
@@ -249,7 +277,7 @@ impl<'a> Reader<'a> {
     pub fn exists(&self, cf: &str, key: &[u8]) -> Result<bool, String> {
         Ok(self
             .db
-            .get_pinned_cf(self.cf(cf), key)
+            .get_pinned_cf_opt(self.cf(cf), key, &self.opts())
             .map_err(|e| e.to_string())?
             .is_some())
     }
@@ -258,7 +286,7 @@ impl<'a> Reader<'a> {
     pub fn exist_many(&self, cf: &str, keys: &[&[u8]]) -> Result<Vec<bool>, String> {
         let handle = self.cf(cf);
         self.db
-            .batched_multi_get_cf(handle, keys, false)
+            .batched_multi_get_cf_opt(handle, keys, false, &self.opts())
             .into_iter()
             .map(|r| r.map(|v| v.is_some()).map_err(|e| e.to_string()))
             .collect()
@@ -282,8 +310,9 @@ impl<'a> Reader<'a> {
     pub fn versions(&self, dataset: &str) -> Result<Vec<(u64, VersionRecord)>, String> {
         let prefix = version_prefix(dataset);
         let mut out = Vec::new();
-        let it = self.db.iterator_cf(
+        let it = self.db.iterator_cf_opt(
             self.cf(CF_VERSIONS),
+            self.opts(),
             rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
         );
         for item in it {
@@ -304,7 +333,11 @@ impl<'a> Reader<'a> {
 
     /// A big-endian u64 value (counters, pack read times); 0 when absent.
     pub fn u64_at(&self, cf: &str, key: &[u8]) -> Result<u64, String> {
-        match self.db.get_cf(self.cf(cf), key).map_err(|e| e.to_string())? {
+        match self
+            .db
+            .get_cf_opt(self.cf(cf), key, &self.opts())
+            .map_err(|e| e.to_string())?
+        {
             Some(v) => Ok(u64::from_be_bytes(
                 v.as_slice()
                     .try_into()
@@ -321,7 +354,7 @@ impl<'a> Reader<'a> {
     /// Every record of `cf`, in key order.
     pub fn all<T: DeserializeOwned>(&self, cf: &str) -> Result<Vec<(Vec<u8>, T)>, String> {
         self.db
-            .iterator_cf(self.cf(cf), rocksdb::IteratorMode::Start)
+            .iterator_cf_opt(self.cf(cf), self.opts(), rocksdb::IteratorMode::Start)
             .map(|item| {
                 let (k, v) = item.map_err(|e| e.to_string())?;
                 Ok((k.to_vec(), decode(&v)?))

@@ -161,7 +161,10 @@ pub async fn tier_move_by(
 /// Bytes per tier per dataset, the policies and the mover's queue.
 pub async fn tier_status(cluster: &Cluster) -> Result<serde_json::Value, Status> {
     cluster.barrier().await?;
-    let r = cluster.reader();
+    // One snapshot for every read: a move that ends meanwhile must not show
+    // as both finished (gone from the queue) and still moving.
+    let snapshot = cluster.snapshot();
+    let r = cluster.reader_at(&snapshot);
     let versions = super::live_versions(&r).map_err(internal)?;
     let pins: HashSet<Vec<u8>> = r
         .all::<PinRecord>(CF_PINS)

@@ -246,7 +246,7 @@ pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
     };
     let packs = root.join("server/packs");
 
-    let (g1, _) = upload("fresh")?;
+    let (g1, g1v) = upload("fresh")?;
     let g_stored1 = du(&packs);
     restic(&["init", "-q"])?;
     eprintln!("restic backup (fresh)");
@@ -284,7 +284,8 @@ pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
     let rows = json!({
         "dataset_bytes": total, "v2_bytes": total2,
         "fresh": {"granary_mbps": mbps(total, g1.secs), "restic_mbps": mbps(total, r1.secs),
-                  "ratio": r1.secs / g1.secs, "target": 3.0},
+                  "ratio": r1.secs / g1.secs, "target": 3.0,
+                  "granary_sent_bytes": g1v["sent_bytes"], "granary_local_write_bytes": g1v["local_write_bytes"]},
         "v2": {"granary_mbps": mbps(total2, g2.secs), "restic_mbps": mbps(total2, r2.secs),
                "ratio": r2.secs / g2.secs, "target": 1.5,
                "granary_new_bytes": g2v["new_bytes"], "granary_cached_files": g2v["cached_files"]},
@@ -325,6 +326,14 @@ pub fn run(args: &BenchUploadArgs) -> anyhow::Result<()> {
         f["restic_mbps"].as_f64().unwrap_or(0.0),
         f["ratio"].as_f64().unwrap_or(0.0),
         ok(f["ratio"].as_f64().unwrap_or(0.0) >= 3.0)
+    )?;
+    let local = f["granary_local_write_bytes"].as_u64().unwrap_or(0);
+    let sent = f["granary_sent_bytes"].as_u64().unwrap_or(0);
+    writeln!(
+        out,
+        "  packs written locally       {:>8.0}%  (of {:.0} MiB sent; GRANARY_LOCAL_WRITES=0 streams them)",
+        local as f64 * 100.0 / sent.max(1) as f64,
+        sent as f64 / 1048576.0
     )?;
     writeln!(
         out,
