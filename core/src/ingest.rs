@@ -41,7 +41,8 @@ pub struct NewChunk<'a> {
     pub id: ChunkId,
     /// The chunk's raw bytes, borrowed from the read buffer.
     pub data: &'a [u8],
-    /// Shared by the chunks of one file; pass it to [`encode_frame_hinted`](crate::frame::encode_frame_hinted).
+    /// Shared by the chunks of the files of one directory; pass it to
+    /// [`encode_frame_hinted`](crate::frame::encode_frame_hinted).
     pub hint: &'a CompressHint,
     /// The file the chunk was first seen in.
     pub path: &'a Path,
@@ -338,7 +339,9 @@ pub fn ingest_dir(
         .build()
         .map_err(|e| IngestError::ThreadPool(e.to_string()))?;
     let seen = SeenSet::new();
+    let hints: Vec<CompressHint> = (0..dirs.len()).map(|_| CompressHint::new()).collect();
     let worker = FileWorker {
+        hints: &hints,
         chunker,
         cache: opts.file_cache.as_deref(),
         block_size: opts.block_size,
@@ -457,6 +460,8 @@ struct FileResult {
 }
 
 struct FileWorker<'a> {
+    /// One per directory (indexed like `dirs`).
+    hints: &'a [CompressHint],
     chunker: Chunker,
     cache: Option<&'a dyn FileCache>,
     block_size: usize,
@@ -511,7 +516,7 @@ impl FileWorker<'_> {
         if !same_version(&before, &job.meta) {
             return Err(IngestError::FileChanged { path: path.clone() });
         }
-        let hint = CompressHint::new();
+        let hint = &self.hints[job.dir];
         let mut result = FileResult {
             size: 0,
             chunks: Vec::new(),
@@ -524,12 +529,12 @@ impl FileWorker<'_> {
             let mut data = Vec::with_capacity(before.len() as usize + 1);
             file.read_to_end(&mut data).map_err(io_err(path))?;
             let ends = self.chunker.cuts(&data);
-            self.batch(path, &hint, &data, &ends, &mut result)?;
+            self.batch(path, hint, &data, &ends, &mut result)?;
             result.size = data.len() as u64;
         } else {
             let mut reader = self.chunker.reader(&mut file, self.block_size);
             while let Some(batch) = reader.next_batch().map_err(io_err(path))? {
-                self.batch(path, &hint, batch.data(), batch.ends(), &mut result)?;
+                self.batch(path, hint, batch.data(), batch.ends(), &mut result)?;
             }
             result.size = reader.bytes_read();
         }
