@@ -126,6 +126,16 @@ impl PackStream {
         let (dir, reserve) = (incoming.dir.clone(), incoming.reserve);
         let p = path.clone();
         let created = tokio::task::spawn_blocking(move || -> std::io::Result<File> {
+            // The server adopts only files of its own user: a client running
+            // as another (root, say) streams instead.
+            use std::os::unix::fs::MetadataExt;
+            // SAFETY: geteuid has no preconditions.
+            if std::fs::metadata(&dir)?.uid() != unsafe { libc::geteuid() } {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the chunk server runs as another user",
+                ));
+            }
             match disk_space(&dir) {
                 Some((_, free)) if free >= reserve + room => {}
                 _ => {
