@@ -70,6 +70,15 @@ struct Incoming {
     node: u64,
 }
 
+impl Drop for Incoming {
+    /// A pack that was not handed over (the upload failed or was dropped
+    /// midway) leaves nothing in `incoming/`; once handed over, the server
+    /// has renamed the file, so there is nothing left to remove.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Where a chunk server on this host takes packs written by its clients.
 #[derive(Debug, Clone)]
 pub(crate) struct LocalIncoming {
@@ -229,15 +238,14 @@ impl PackStream {
                 Ok(Ok(_)) => ClientError::Invalid("pack session ended early".into()),
                 Err(e) => ClientError::Invalid(format!("pack session task failed: {e}")),
             },
-            To::Incoming(inc) => {
+            To::Incoming(mut inc) => {
                 let id = inc.session.pack_id;
-                let e = match inc.writer.await {
+                // Dropping `inc` then removes the file.
+                match (&mut inc.writer).await {
                     Ok(Err(e)) => local_write_err(inc.node, id, &inc.path, e),
                     Ok(Ok(())) => ClientError::Invalid(format!("writing pack {id} stopped early")),
                     Err(e) => ClientError::Invalid(format!("pack writer task failed: {e}")),
-                };
-                let _ = std::fs::remove_file(&inc.path);
-                e
+                }
             }
         }
     }
@@ -287,29 +295,24 @@ impl PackStream {
                     Ok(r) => r.map_err(|e| local_write_err(inc.node, id, &inc.path, e)),
                     Err(e) => Err(ClientError::Invalid(format!("pack writer task failed: {e}"))),
                 };
-                if let Err(e) = written {
-                    let _ = std::fs::remove_file(&inc.path);
-                    return Err(e);
-                }
+                // On an error, dropping `inc` removes the file.
+                written?;
                 let hand_over = WritePackRequest {
                     session: Some(PackSession {
                         frames_in_incoming: true,
-                        ..inc.session
+                        ..inc.session.clone()
                     }),
                     frames: Default::default(),
                     seal: true,
                 };
-                let reply = inc
-                    .client
+                // Whatever the answer, `inc` is dropped after it: the server
+                // has renamed the file, or removed it, or never saw the call
+                // (then the drop removes it).
+                inc.client
                     .write_pack(tokio_stream::once(hand_over))
                     .await
                     .map(|r| r.into_inner())
-                    .map_err(|s| server_err(&inc.addr, s));
-                if reply.is_err() {
-                    // The server removes it too; this covers a server that never saw the call.
-                    let _ = std::fs::remove_file(&inc.path);
-                }
-                reply
+                    .map_err(|s| server_err(&inc.addr, s))
             }
         }
     }
@@ -382,4 +385,63 @@ pub fn disk_space(path: &Path) -> Option<(u64, u64)> {
     }
     let frsize = st.f_frsize as u64;
     Some((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: u64) -> PackSession {
+        PackSession {
+            pack_id: id,
+            chain: Vec::new(),
+            replica_ids: vec![1],
+            register: true,
+            frames_in_incoming: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_local_pack_not_handed_over_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // No server listens there: the pack is never handed over.
+        let client = ChunkClient::new(Channel::from_static("http://127.0.0.1:1").connect_lazy());
+        let incoming = LocalIncoming {
+            dir: dir.path().to_path_buf(),
+            reserve: 0,
+        };
+        let stream =
+            PackStream::to_incoming(client.clone(), "127.0.0.1:1", 1, session(7), &incoming, 1 << 20)
+                .await
+                .expect("a local pack in a directory of this user with room");
+        assert!(stream.is_local());
+        let path = dir.path().join("7.part");
+        assert!(path.is_file());
+        let (_, frame) = granary_core::frame::frame_chunk(&[5u8; 3 << 20]);
+        let stream = stream.push(frame).await.unwrap();
+        drop(stream);
+        assert!(!path.exists(), "a dropped pack left {}", path.display());
+
+        // The hand-over fails (nothing listens): an error, and no file.
+        let stream =
+            PackStream::to_incoming(client.clone(), "127.0.0.1:1", 1, session(8), &incoming, 1 << 20)
+                .await
+                .unwrap();
+        let (_, frame) = granary_core::frame::frame_chunk(b"one small chunk");
+        let e = stream.push(frame).await.unwrap().finish().await.unwrap_err();
+        assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+        assert!(!dir.path().join("8.part").exists());
+
+        // No room for the pack: the caller streams it instead.
+        let full = LocalIncoming {
+            dir: dir.path().to_path_buf(),
+            reserve: u64::MAX / 2,
+        };
+        assert!(
+            PackStream::to_incoming(client, "127.0.0.1:1", 1, session(9), &full, 1 << 20)
+                .await
+                .is_none()
+        );
+        assert!(!dir.path().join("9.part").exists());
+    }
 }
