@@ -58,7 +58,7 @@ enum To {
 
 /// A pack this client writes into a chunk server's `incoming/` directory.
 struct Incoming {
-    path: PathBuf,
+    file: IncomingFile,
     /// Frames for the writer thread, about [`SEND_MESSAGE`] at a time.
     tx: mpsc::Sender<Vec<Vec<u8>>>,
     batch: Vec<Vec<u8>>,
@@ -70,12 +70,15 @@ struct Incoming {
     node: u64,
 }
 
-impl Drop for Incoming {
-    /// A pack that was not handed over (the upload failed or was dropped
-    /// midway) leaves nothing in `incoming/`; once handed over, the server
-    /// has renamed the file, so there is nothing left to remove.
+/// The path of a pack written into `incoming/`, removed when dropped: a
+/// pack that was not handed over (the upload failed or was dropped midway)
+/// leaves nothing there; once handed over, the server has renamed or
+/// removed the file, so there is nothing left to remove.
+struct IncomingFile(PathBuf);
+
+impl Drop for IncomingFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -145,7 +148,7 @@ impl PackStream {
                     "the chunk server runs as another user",
                 ));
             }
-            match disk_space(&dir) {
+            match granary_core::pack::disk_space(&dir) {
                 Some((_, free)) if free >= reserve + room => {}
                 _ => {
                     return Err(std::io::Error::new(
@@ -177,7 +180,7 @@ impl PackStream {
             id,
             bytes: 0,
             to: To::Incoming(Box::new(Incoming {
-                path,
+                file: IncomingFile(path),
                 tx,
                 batch: Vec::new(),
                 batch_bytes: 0,
@@ -233,19 +236,16 @@ impl PackStream {
     /// The session's error, once it has ended early.
     async fn failure(self) -> ClientError {
         match self.to {
-            To::Server { call, .. } => match call.await {
-                Ok(Err(e)) => e,
-                Ok(Ok(_)) => ClientError::Invalid("pack session ended early".into()),
-                Err(e) => ClientError::Invalid(format!("pack session task failed: {e}")),
-            },
-            To::Incoming(mut inc) => {
-                let id = inc.session.pack_id;
-                // Dropping `inc` then removes the file.
-                match (&mut inc.writer).await {
-                    Ok(Err(e)) => local_write_err(inc.node, id, &inc.path, e),
-                    Ok(Ok(())) => ClientError::Invalid(format!("writing pack {id} stopped early")),
-                    Err(e) => ClientError::Invalid(format!("pack writer task failed: {e}")),
-                }
+            To::Server { call, .. } => session_error(call).await,
+            To::Incoming(inc) => {
+                let Incoming {
+                    file,
+                    writer,
+                    node,
+                    session,
+                    ..
+                } = *inc;
+                writer_error(writer, node, session.pack_id, &file.0).await
             }
         }
     }
@@ -261,60 +261,75 @@ impl PackStream {
                     seal: true,
                 };
                 if tx.send(last).await.is_err() {
-                    return Err(Self {
-                        to: To::Server {
-                            tx,
-                            call,
-                            buf: Vec::new(),
-                        },
-                        ..self
-                    }
-                    .failure()
-                    .await);
+                    return Err(session_error(call).await);
                 }
                 drop(tx);
                 call.await
                     .map_err(|e| ClientError::Invalid(format!("pack session task failed: {e}")))?
             }
-            To::Incoming(mut inc) => {
-                let batch = std::mem::take(&mut inc.batch);
-                let queued = batch.is_empty() || inc.tx.send(batch).await.is_ok();
+            To::Incoming(inc) => {
+                // `file` is removed when this returns, unless the server took it.
+                let Incoming {
+                    file,
+                    tx,
+                    batch,
+                    writer,
+                    mut client,
+                    addr,
+                    session,
+                    node,
+                    ..
+                } = *inc;
+                let id = session.pack_id;
+                let queued = batch.is_empty() || tx.send(batch).await.is_ok();
                 // Closing the channel ends the writer.
-                let (tx, _) = mpsc::channel(1);
-                drop(std::mem::replace(&mut inc.tx, tx));
+                drop(tx);
                 if !queued {
-                    return Err(Self {
-                        to: To::Incoming(inc),
-                        ..self
-                    }
-                    .failure()
-                    .await);
+                    return Err(writer_error(writer, node, id, &file.0).await);
                 }
-                let id = inc.session.pack_id;
-                let written = match (&mut inc.writer).await {
-                    Ok(r) => r.map_err(|e| local_write_err(inc.node, id, &inc.path, e)),
-                    Err(e) => Err(ClientError::Invalid(format!("pack writer task failed: {e}"))),
-                };
-                // On an error, dropping `inc` removes the file.
-                written?;
+                match writer.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(local_write_err(node, id, &file.0, e)),
+                    Err(e) => return Err(ClientError::Invalid(format!("pack writer task failed: {e}"))),
+                }
                 let hand_over = WritePackRequest {
                     session: Some(PackSession {
                         frames_in_incoming: true,
-                        ..inc.session.clone()
+                        ..session
                     }),
                     frames: Default::default(),
                     seal: true,
                 };
-                // Whatever the answer, `inc` is dropped after it: the server
-                // has renamed the file, or removed it, or never saw the call
-                // (then the drop removes it).
-                inc.client
+                client
                     .write_pack(tokio_stream::once(hand_over))
                     .await
                     .map(|r| r.into_inner())
-                    .map_err(|s| server_err(&inc.addr, s))
+                    .map_err(|s| server_err(&addr, s))
             }
         }
+    }
+}
+
+/// The error of a streamed session that the server ended early.
+async fn session_error(call: JoinHandle<Result<WritePackReply, ClientError>>) -> ClientError {
+    match call.await {
+        Ok(Err(e)) => e,
+        Ok(Ok(_)) => ClientError::Invalid("pack session ended early".into()),
+        Err(e) => ClientError::Invalid(format!("pack session task failed: {e}")),
+    }
+}
+
+/// The error of a local pack's writer thread that stopped taking frames.
+async fn writer_error(
+    writer: JoinHandle<std::io::Result<()>>,
+    node: u64,
+    id: u64,
+    path: &Path,
+) -> ClientError {
+    match writer.await {
+        Ok(Err(e)) => local_write_err(node, id, path, e),
+        Ok(Ok(())) => ClientError::Invalid(format!("writing pack {id} stopped early")),
+        Err(e) => ClientError::Invalid(format!("pack writer task failed: {e}")),
     }
 }
 
@@ -347,7 +362,7 @@ fn write_incoming(
                 );
             }
             handed = written;
-            if let Some((_, free)) = disk_space(dir) {
+            if let Some((_, free)) = granary_core::pack::disk_space(dir) {
                 if free < reserve + WRITEBACK_STEP {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::StorageFull,
@@ -371,20 +386,6 @@ fn local_write_err(node: u64, id: u64, path: &Path, e: std::io::Error) -> Client
     } else {
         ClientError::Invalid(format!("writing pack {id} to {}: {e}", path.display()))
     }
-}
-
-/// (capacity, free to unprivileged users) bytes of the filesystem holding
-/// `path`, or `None` when it cannot be asked.
-pub fn disk_space(path: &Path) -> Option<(u64, u64)> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statvfs is plain data; the call fills it.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and `st` a valid out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    let frsize = st.f_frsize as u64;
-    Some((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ mod reader;
 mod writer;
 
 pub use adopt::AdoptedPack;
-pub use files::{read_ranges, sealed_pack_path, shard_dir};
+pub use files::{disk_space, read_ranges, sealed_pack_path, shard_dir};
 pub use format::{
     encode_footer, encode_header, parse_header, parse_index, IndexEntry, Trailer, INDEX_ENTRY_LEN,
     PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION, TRAILER_LEN, TRAILER_MAGIC,

@@ -1,7 +1,8 @@
 //! Sealed packs on a chunk server's disk: where each lives under the packs
-//! directory, and reading byte ranges of one. Shared by the chunk server and
-//! by clients on the same host, which read packs directly
-//! (`granary_client`'s local reads).
+//! directory, reading byte ranges of one, and the disk's free space. Shared
+//! by the chunk server and by clients on the same host, which read packs
+//! directly and write new ones into it (`granary_client`'s local reads and
+//! writes).
 
 use std::fs::File;
 use std::io;
@@ -84,4 +85,19 @@ pub fn read_ranges(path: &Path, ranges: &[(u64, u32)]) -> io::Result<Vec<u8>> {
         }
     }
     Ok(out)
+}
+
+/// (capacity, free to unprivileged users) bytes of the filesystem holding
+/// `path` (a chunk server's packs directory, for the server and for clients
+/// that write packs into it), or `None` when it cannot be asked.
+pub fn disk_space(path: &Path) -> Option<(u64, u64)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs is plain data; the call fills it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let frsize = st.f_frsize as u64;
+    Some((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
 }

@@ -340,7 +340,7 @@ impl PackStore {
 
     /// (capacity, used) bytes of the filesystem holding the packs.
     pub fn usage(&self) -> (u64, u64) {
-        match granary_client::pack_stream::disk_space(&self.dir) {
+        match granary_core::pack::disk_space(&self.dir) {
             Some((capacity, free)) => (capacity, capacity.saturating_sub(free)),
             None => (0, 0),
         }
