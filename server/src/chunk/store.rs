@@ -107,17 +107,12 @@ impl PackStore {
             return Err(io(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!(
-                    "not a plain file of this server's user (uid {euid}) with one name;                      it was not written by a client of this server"
+                    "not a plain file of this server's user (uid {euid}) with one name; \
+                     it was not written by a client of this server"
                 ),
             )));
         }
         AdoptedPack::open(file, &path, id)
-    }
-
-    /// Removes the client-written file of pack `id` once it is sealed
-    /// elsewhere or refused.
-    pub fn drop_incoming(&self, id: u64) {
-        let _ = std::fs::remove_file(self.incoming_path(id));
     }
 
     /// Removes files in [`incoming`](Self::incoming_dir) not modified for
@@ -249,7 +244,7 @@ impl PackStore {
     /// Drops an unfinished pack (also one a client wrote into `incoming/`).
     pub fn abort(&self, id: u64) {
         let _ = std::fs::remove_file(self.open_path(id));
-        self.drop_incoming(id);
+        let _ = std::fs::remove_file(self.incoming_path(id));
     }
 
     /// Deletes sealed pack `id` (one that will never be registered); true if
@@ -517,7 +512,7 @@ mod tests {
             .err()
             .expect("adopted a file with two names")
             .to_string();
-        assert!(e.contains("one name"), "{e}");
+        assert!(e.contains("one name; it was not written by a client"), "{e}");
 
         // A symlink to a file: not followed.
         let target = dir.path().join("elsewhere");
