@@ -441,17 +441,7 @@ impl ChunkService {
         loop {
             let seal = msg.seal;
             if !msg.frames.is_empty() || seal {
-                if let Some(tx) = down_tx {
-                    let forward = WritePackRequest {
-                        session: None,
-                        frames: msg.frames.clone(),
-                        seal,
-                    };
-                    if tx.send(forward).await.is_err() {
-                        // The next replica gave up: report its own error.
-                        return Err(downstream_error(downstream.take()).await);
-                    }
-                }
+                forward(down_tx, downstream, msg.frames.clone(), seal).await?;
                 let buf = std::mem::take(&mut msg.frames);
                 let store = &self.inner.store;
                 writer = tokio::task::block_in_place(|| {
@@ -498,16 +488,7 @@ impl ChunkService {
             let run =
                 tokio::task::block_in_place(|| adopted.next_run()).map_err(|e| pack_status(node, id, e))?;
             let seal = run.is_none();
-            if let Some(tx) = down_tx {
-                let forward = WritePackRequest {
-                    session: None,
-                    frames: run.clone().unwrap_or_default(),
-                    seal,
-                };
-                if tx.send(forward).await.is_err() {
-                    return Err(downstream_error(downstream.take()).await);
-                }
-            }
+            forward(down_tx, downstream, run.unwrap_or_default(), seal).await?;
             if seal {
                 return adopted.into_writer().map_err(|e| pack_status(node, id, e));
             }
@@ -578,6 +559,28 @@ fn is_refusal(e: &granary_client::ClientError) -> bool {
 type DownTx = mpsc::Sender<WritePackRequest>;
 /// The next replica's pack session.
 type DownCall = JoinHandle<Result<WritePackReply, Status>>;
+
+/// Sends frames (and whether they seal the pack) to the next replica, if
+/// any; when it has given up, its own error.
+async fn forward(
+    down_tx: Option<&DownTx>,
+    downstream: &mut Option<DownCall>,
+    frames: bytes::Bytes,
+    seal: bool,
+) -> Result<(), Status> {
+    let Some(tx) = down_tx else {
+        return Ok(());
+    };
+    let msg = WritePackRequest {
+        session: None,
+        frames,
+        seal,
+    };
+    if tx.send(msg).await.is_err() {
+        return Err(downstream_error(downstream.take()).await);
+    }
+    Ok(())
+}
 
 /// The error of a downstream replica's session (which has ended).
 async fn downstream_error(call: Option<JoinHandle<Result<WritePackReply, Status>>>) -> Status {
