@@ -130,6 +130,12 @@ impl LocalFileCache {
             .map(|p| p.as_os_str().as_encoded_bytes().to_vec())
     }
 
+    /// The entry for `path`, if the file is unchanged since it was recorded.
+    fn entry(&self, path: &Path, meta: &Metadata) -> Option<&Entry> {
+        let e = self.stored.entries.get(&self.key(path)?)?;
+        (e.id == Identity::of(meta)).then_some(e)
+    }
+
     /// Records the files of a committed upload that started at `started`.
     pub fn save(mut self, records: &[FileRecord], started: SystemTime) -> std::io::Result<()> {
         let cutoff = started
@@ -169,15 +175,19 @@ impl LocalFileCache {
 
 impl FileCache for LocalFileCache {
     fn lookup(&self, path: &Path, meta: &Metadata) -> Option<Vec<ChunkRef>> {
-        let e = self.stored.entries.get(&self.key(path)?)?;
-        (e.id == Identity::of(meta)).then(|| {
+        let e = self.entry(path, meta)?;
+        Some(
             e.chunks
                 .iter()
                 .map(|(id, len)| ChunkRef {
                     id: ChunkId::from_bytes(*id),
                     len: *len,
                 })
-                .collect()
-        })
+                .collect(),
+        )
+    }
+
+    fn has(&self, path: &Path, meta: &Metadata) -> bool {
+        self.entry(path, meta).is_some()
     }
 }

@@ -81,6 +81,11 @@ impl Progress for NoProgress {}
 /// size, mtime, ctime, inode and device as when its chunks were recorded).
 pub trait FileCache: Send + Sync {
     fn lookup(&self, path: &Path, meta: &Metadata) -> Option<Vec<ChunkRef>>;
+
+    /// Whether [`lookup`](Self::lookup) would answer, without building its answer.
+    fn has(&self, path: &Path, meta: &Metadata) -> bool {
+        self.lookup(path, meta).is_some()
+    }
 }
 
 impl std::fmt::Debug for dyn FileCache {
@@ -481,11 +486,7 @@ impl FileWorker<'_> {
     /// on its first read: with many small files that wait left the cores
     /// idle about a tenth of the time.
     fn read_ahead(&self, job: &FileJob) {
-        if job.meta.len() == 0
-            || self
-                .cache
-                .is_some_and(|c| c.lookup(&job.path, &job.meta).is_some())
-        {
+        if job.meta.len() == 0 || self.cache.is_some_and(|c| c.has(&job.path, &job.meta)) {
             return;
         }
         if let Ok(file) = File::open(&job.path) {
